@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make run` and `make test`. Both create or reuse ./.venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel by default; on a GPU box install your CUDA build first (see README) and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/multimaterial_1_discs_3types.yaml
+ARGS ?=
+
+.PHONY: run test lint bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/proctor train $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m ruff check engine tui models tests bench
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/train_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

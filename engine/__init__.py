@@ -1,0 +1,1 @@
+"""proctor engine: the iteration loop, with no UI inside."""

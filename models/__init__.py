@@ -1,0 +1,1 @@
+"""The embedded default experiment: MPM data and a SIREN fit. Stands alone."""

@@ -1,0 +1,1 @@
+"""proctor terminal UI and command line."""
