@@ -228,3 +228,59 @@ def load_config(path: str | Path) -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, lines, source)) from None
+
+
+def find_project_root(config_path: str | Path) -> Path:
+    """The experiment's project root: the nearest ancestor of the config holding `models/`,
+    else the current directory."""
+    start = Path(config_path).resolve().parent
+    for candidate in (start, *start.parents):
+        if (candidate / "models").is_dir():
+            return candidate
+    return Path.cwd()
+
+
+def check_experiment_sections(
+    path: str | Path, config: ExperimentConfig, project_root: Path
+) -> None:
+    """Validate the experiment's own sections with its harness (`--check`, no torch import).
+
+    The engine stays generic: the experiment owns its schema, we own the line numbers."""
+    import json
+    import subprocess
+    import sys
+
+    path = Path(path)
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", config.exploration.harness, "--check", str(path.resolve())],
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{path}: the experiment's config check did not finish in 60 s") from None
+    try:
+        report = json.loads(completed.stdout or "{}")
+        errors = report.get("errors", [])
+    except (json.JSONDecodeError, AttributeError):
+        errors = None
+    if completed.returncode == 0 and errors == []:
+        return
+    if errors is None or (completed.returncode != 0 and not errors):
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+        raise ConfigError(
+            f"{path}: the experiment's config check ({config.exploration.harness} --check) "
+            f"failed: {' | '.join(tail) or 'no output'}"
+        )
+    _, lines = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    out = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), None)
+        dotted = ".".join(map(str, loc)) or "top level"
+        prefix = f"{path}:{line}" if line is not None else str(path)
+        out.append(f"{prefix}: {dotted}: {error.get('msg', 'invalid')}")
+    raise ConfigError("\n".join(out))
