@@ -1,0 +1,1 @@
+"""Agents propose experiments; they never execute anything."""

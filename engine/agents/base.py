@@ -1,0 +1,80 @@
+"""The agent protocol: a context in, one proposal (plus its reasoning) out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.config import ExperimentConfig
+from engine.proposal import Proposal
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """What an agent may know about one node of the tree."""
+
+    id: int
+    parent_id: int | None
+    block: int
+    status: str
+    strategy: str
+    mutation: str
+    code_changed: bool
+    config_changes: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    score: float | None = None
+
+    @property
+    def r2(self) -> float:
+        value = self.metrics.get("final_r2")
+        return value if value is not None and value == value else 0.0
+
+
+@dataclass(frozen=True)
+class Repair:
+    """The previous attempt of this iteration failed: the agent gets the error to fix it."""
+
+    attempt: int
+    max_attempts: int
+    proposal: Proposal
+    error: str
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """Everything the agent sees for one iteration. Log text inside is untrusted data."""
+
+    iteration: int
+    block: int
+    iteration_in_block: int
+    block_size: int
+    block_end: bool
+    instructions: str
+    memory: str
+    score_table: str
+    config: ExperimentConfig
+    nodes: tuple[NodeSummary, ...]
+    candidates: tuple[int, ...]
+    latest_log_tail: str = ""
+    rejections: tuple[str, ...] = ()
+    repair: Repair | None = None
+    read_file: Callable[[int | None, str], str] = field(default=lambda node, path: "")
+
+    def node(self, node_id: int) -> NodeSummary:
+        return next(n for n in self.nodes if n.id == node_id)
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    proposal: Proposal
+    reasoning: str
+    cost_usd: float = 0.0
+
+
+class Agent(Protocol):
+    name: str
+
+    async def propose(self, context: AgentContext) -> AgentReply:
+        """Return one proposal for this iteration."""
+        ...
