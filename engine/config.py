@@ -165,7 +165,8 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str
             key = key_node.value
             if key in seen:
                 dotted = ".".join(map(str, path + (key,)))
-                raise ConfigError(f"{source}:{key_node.start_mark.line + 1}: {dotted}: duplicate key")
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"{source}:{line}: {dotted}: duplicate key")
             seen.add(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
             _walk(value_node, path + (key,), lines, source)
@@ -193,16 +194,20 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[KeyPath, in
     return data, lines
 
 
+def _line_of(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
+    """The line of the deepest prefix of `loc` that appears in the file."""
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
 def describe_errors(exc: ValidationError, lines: dict[KeyPath, int], source: str) -> str:
     """Pydantic errors as `file:line: dotted.key: message`, one per line."""
     out = []
     for error in exc.errors():
-        loc = tuple(part for part in error["loc"] if part not in ("__root__",))
-        line = None
-        for cut in range(len(loc), -1, -1):
-            if loc[:cut] in lines:
-                line = lines[loc[:cut]]
-                break
+        loc = tuple(error["loc"])
+        line = _line_of(loc, lines)
         dotted = ".".join(map(str, loc)) or "top level"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
@@ -279,7 +284,7 @@ def check_experiment_sections(
     out = []
     for error in errors:
         loc = tuple(error.get("loc", ()))
-        line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), None)
+        line = _line_of(loc, lines)
         dotted = ".".join(map(str, loc)) or "top level"
         prefix = f"{path}:{line}" if line is not None else str(path)
         out.append(f"{prefix}: {dotted}: {error.get('msg', 'invalid')}")
