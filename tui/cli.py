@@ -35,7 +35,52 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, auto)")
     train.add_argument("--quiet", action="store_true", help="do not echo the training log")
+
+    run = commands.add_parser(
+        "run",
+        help="start an exploration run on CONFIG",
+        description="Start an exploration run: the agent proposes, proctor runs and records, "
+        "under log/<name>/. Until the TUI lands every run is headless (--headless is implied): "
+        "a live progress line on a terminal, plain lines otherwise.",
+    )
+    run.add_argument("config", type=Path, help="experiment config (YAML)")
+    run.add_argument("--iterations", type=_positive_int, help="iterations to run in total")
+    run.add_argument("--headless", action="store_true", help="no TUI (the only mode for now)")
+    run.add_argument("--agent", choices=["heuristic", "anthropic"],
+                     help="who proposes (default: anthropic with a key, else heuristic)")
+    run.add_argument("--approve", choices=["auto", "code", "all"],
+                     help="what waits for a human: nothing, code edits, everything")
+    run.add_argument("--name", help="run name (default: <config>_<date-time>)")
+    run.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
+    run.add_argument("--log", action="store_true", help="echo the training logs")
+
+    resume = commands.add_parser("resume", help="continue a run after a stop or a crash")
+    resume.add_argument("run", help="run name (a folder of log/)")
+    resume.add_argument("--iterations", type=_positive_int, help="raise the iteration count")
+    resume.add_argument("--log", action="store_true", help="echo the training logs")
+
+    status = commands.add_parser("status", help="print a run's node table")
+    status.add_argument("run", help="run name (a folder of log/)")
+    status.add_argument("--json", action="store_true", help="machine-readable rows")
+
+    approve = commands.add_parser("approve", help="approve the proposal a run is waiting on")
+    approve.add_argument("run", help="run name (a folder of log/)")
+    reject = commands.add_parser("reject", help="reject the proposal a run is waiting on")
+    reject.add_argument("run", help="run name (a folder of log/)")
+    reject.add_argument("--reason", required=True, help="why (the agent reads it)")
+    stop = commands.add_parser("stop", help="stop a run cleanly (it can be resumed)")
+    stop.add_argument("run", help="run name (a folder of log/)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +91,30 @@ def main(argv: list[str] | None = None) -> int:
             from tui.commands import train
 
             return train(args.config, runner=args.runner, device=args.device, quiet=args.quiet)
+        if args.command == "run":
+            from tui.commands import run
+
+            return run(args.config, iterations=args.iterations, agent=args.agent,
+                       approve=args.approve, name=args.name, runner=args.runner,
+                       echo_log=args.log)
+        if args.command == "resume":
+            from tui.commands import resume
+
+            return resume(args.run, iterations=args.iterations, echo_log=args.log)
+        if args.command == "status":
+            from tui.commands import status
+
+            return status(args.run, as_json=args.json)
+        if args.command in ("approve", "reject", "stop"):
+            from engine import events
+            from tui.commands import post
+
+            command = {
+                "approve": lambda: events.Approve(),
+                "reject": lambda: events.Reject(reason=args.reason),
+                "stop": lambda: events.Stop(),
+            }[args.command]()
+            return post(args.run, command)
     except UsageError as exc:
         print(f"proctor: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -21,7 +21,8 @@ class NodeSummary:
     strategy: str
     mutation: str
     code_changed: bool
-    config_changes: Mapping[str, Any]
+    config_changes: Mapping[str, Any]  # dotted key -> value, relative to the parent
+    config: Mapping[str, Any]  # the full experiment sections that ran
     metrics: Mapping[str, float]
     score: float | None = None
 
@@ -55,7 +56,7 @@ class AgentContext:
     score_table: str
     config: ExperimentConfig
     nodes: tuple[NodeSummary, ...]
-    candidates: tuple[int, ...]
+    candidates: tuple[int, ...]  # candidate parents, best score first
     latest_log_tail: str = ""
     rejections: tuple[str, ...] = ()
     repair: Repair | None = None

@@ -1,0 +1,112 @@
+"""The headless consumer of engine events: a live status line on a terminal, plain lines
+otherwise (a log file, a pipe, CI)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TextIO
+
+from engine import events as ev
+
+
+def _r2(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+class HeadlessPrinter:
+    """Turns events into lines; on a TTY keeps one redrawn progress line at the bottom."""
+
+    def __init__(self, stream: TextIO = sys.stdout, live: bool | None = None,
+                 echo_log: bool = False):
+        self.stream = stream
+        self.live = stream.isatty() if live is None else live
+        self.echo_log = echo_log
+        self.run = ""
+        self.started = time.monotonic()
+        self.iteration = 0
+        self.total = 0
+        self.best: float | None = None
+        self.step = 0
+        self.steps = 0
+        self._status_shown = False
+
+    def __call__(self, event: ev.Event) -> None:
+        text = self._describe(event)
+        if text is not None:
+            self._line(text)
+        if self.live and isinstance(event, ev.TrainingProgress | ev.IterationStarted
+                                    | ev.NodeFinished | ev.LogLines):
+            self._status()
+
+    def _describe(self, event: ev.Event) -> str | None:
+        match event:
+            case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total,
+                              resumed_at=resumed):
+                self.run, self.total = run, total
+                again = f", resuming iteration {resumed}" if resumed else ""
+                return f"run {run}: {total} iterations, files in {run_dir}{again}"
+            case ev.IterationStarted(iteration=iteration, block=block, total_iterations=total):
+                self.iteration, self.total, self.step, self.steps = iteration, total, 0, 0
+                return f"iteration {iteration}/{total} (block {block})"
+            case ev.ProposalReady(iteration=iteration, proposal=proposal, diff=diff,
+                                  config_diff=config_diff, awaiting_review=waiting):
+                parent = "root" if proposal.parent_id is None else proposal.parent_id
+                lines = [f"  proposal: parent={parent} strategy={proposal.strategy} "
+                         f"mutation={proposal.mutation or config_diff or 'none'}"]
+                if waiting:
+                    lines.append(diff.rstrip() if diff else config_diff)
+                    lines.append(f"  waiting for review: proctor approve {self.run}  |  "
+                                 f"proctor reject {self.run} --reason TEXT")
+                return "\n".join(lines)
+            case ev.ProposalDecided(approved=approved, reason=reason, by=by) if by != "policy":
+                return f"  {'approved' if approved else 'rejected'} by {by}" + (
+                    f": {reason}" if reason else "")
+            case ev.ProposalInvalid(error=error, attempt=attempt):
+                return f"  invalid proposal (try {attempt}): {error}"
+            case ev.TrainingStarted(node_id=node_id, pid=pid):
+                return f"  training node {node_id} (pid {pid})"
+            case ev.LogLines(lines=lines) if self.echo_log:
+                return "\n".join(f"    | {line}" for line in lines)
+            case ev.TrainingProgress(step=step, total=total):
+                self.step, self.steps = step, total
+                return None
+            case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
+                                 best_r2=best):
+                self.best = best
+                detail = f"R2={_r2(metrics.get('final_r2'))}" if status == "done" else (
+                    error or status)
+                return f"  node {node_id}: {status}, {detail}; best R2 so far {_r2(best)}"
+            case ev.IterationSkipped(iteration=iteration, reason=reason):
+                return f"  iteration {iteration} skipped: {reason}"
+            case ev.Paused(reason=reason):
+                return f"paused: {reason}  (proctor resume {self.run} to continue)"
+            case ev.Resumed():
+                return "resumed"
+            case ev.EngineError(message=message):
+                return f"warning: {message}"
+            case ev.RunFinished(reason=reason, best_node=best_node, best_r2=best):
+                where = f"best node {best_node} (R2 {_r2(best)})" if best_node else "no result"
+                return f"finished: {reason}; {where}"
+        return None
+
+    def _line(self, text: str) -> None:
+        if self._status_shown:
+            self.stream.write("\r\x1b[2K")
+            self._status_shown = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _status(self) -> None:
+        elapsed = time.monotonic() - self.started
+        bar = ""
+        if self.steps:
+            done = int(20 * self.step / self.steps)
+            bar = f" [{'#' * done}{'.' * (20 - done)}] {self.step}/{self.steps}"
+        self.stream.write(
+            f"\r\x1b[2Kiteration {self.iteration}/{self.total}{bar}  best R2 {_r2(self.best)}"
+            f"  elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s"
+        )
+        self.stream.flush()
+        self._status_shown = True

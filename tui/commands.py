@@ -1,0 +1,212 @@
+"""What each `proctor` subcommand does. Errors the user can fix become UsageError (exit 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_experiment_sections,
+    find_project_root,
+    load_config,
+)
+from tui.cli import UsageError
+
+METRIC_ORDER = ("final_r2", "pearson_r2", "slope", "final_mse", "training_time_s",
+                "steps_per_s", "total_params")
+
+
+def _load(config_path: Path) -> tuple[ExperimentConfig, Path]:
+    try:
+        config = load_config(config_path)
+        root = find_project_root(config_path)
+        check_experiment_sections(config_path, config, root)
+    except ConfigError as exc:
+        raise UsageError(f"bad config:\n{exc}") from None
+    return config, root
+
+
+def _format_metric(name: str, value: object) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if name == "final_mse":
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) -> int:
+    """Run the harness once on the config, in an isolated process, and print its metrics."""
+    from engine.runner import RunRequest, RunStatus, make_runner
+
+    config, root = _load(config_path)
+    out_dir = root / "log" / "train" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = ["--data-cache", str(root / "log" / "cache" / "data")]
+    if device:
+        extra += ["--device", device]
+    request = RunRequest(
+        workspace=root,
+        config_path=config_path.resolve(),
+        results_path=out_dir / "results.json",
+        log_path=out_dir / "training.log",
+        harness=config.exploration.harness,
+        extra_args=tuple(extra),
+        timeouts=config.exploration.timeouts,
+        limits=config.exploration.limits,
+    )
+
+    def echo(lines: list[str]) -> None:
+        if not quiet:
+            for line in lines:
+                print(line)
+            sys.stdout.flush()
+
+    async def go():
+        instance = make_runner(runner)
+        try:
+            return await instance.run(request, on_output=echo)
+        finally:
+            await instance.aclose()
+
+    result = asyncio.run(go())
+    print(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {request.log_path})")
+    if result.error:
+        print(f"error: {result.error}")
+    for name in METRIC_ORDER:
+        if name in result.metrics:
+            print(f"  {name:<16} {_format_metric(name, result.metrics[name])}")
+    if result.warnings:
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+    return 0 if result.status is RunStatus.OK else 1
+
+
+def _run_dir(root: Path, run: str) -> Path:
+    run_dir = Path(run) if os.sep in run else root / "log" / run
+    if not (run_dir / "journal.sqlite").exists():
+        raise UsageError(f"no run '{run}' in {run_dir.parent} (see `ls {run_dir.parent}`)")
+    return run_dir
+
+
+def _agent_factory(name_override: str | None):
+    from engine.agents import make_agent
+
+    def build(config, settings):
+        return make_agent(name_override or settings.agent, config)
+
+    return build
+
+
+def run(config_path: Path, *, iterations: int | None, agent: str | None, approve: str | None,
+        name: str | None, runner: str | None, echo_log: bool) -> int:
+    """Start a new exploration run, headless."""
+    from engine.agents import default_agent_name
+    from engine.loop import Engine, EngineError, RunSettings
+
+    config, root = _load(config_path)
+    exploration = config.exploration
+    settings = RunSettings(
+        name=name or f"{config_path.stem}_{time.strftime('%Y%m%d-%H%M%S')}",
+        config_path=str(config_path.resolve()),
+        iterations=iterations or exploration.iterations,
+        approval=approve or exploration.approval,
+        agent=agent or exploration.agent or default_agent_name(),
+        runner=runner or exploration.runner,
+    )
+    from engine.headless import HeadlessPrinter
+    from engine.journal import JournalError
+
+    printer = HeadlessPrinter(echo_log=echo_log)
+    try:
+        engine = Engine.create(root, config, settings, _agent_factory(None)(config, settings),
+                               printer)
+    except (EngineError, JournalError, FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    return _drive(engine)
+
+
+def resume(run: str, *, iterations: int | None, echo_log: bool) -> int:
+    from engine.headless import HeadlessPrinter
+    from engine.journal import JournalError
+    from engine.loop import Engine, EngineError
+
+    run_dir = _run_dir(Path.cwd(), run)
+    try:
+        engine = Engine.reopen(run_dir, _agent_factory(None), HeadlessPrinter(echo_log=echo_log),
+                               iterations=iterations)
+    except (EngineError, JournalError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    engine.journal.set_state("paused", None)
+    return _drive(engine)
+
+
+def _drive(engine) -> int:
+    try:
+        asyncio.run(engine.run())
+    finally:
+        engine.close()
+    return 0
+
+
+def status(run: str, *, as_json: bool) -> int:
+    from engine.journal import Journal, JournalError, RunEvent, Step
+    from engine.tree import Node, Tree
+
+    run_dir = _run_dir(Path.cwd(), run)
+    try:
+        journal = Journal.open_for_client(run_dir)
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    with journal:
+        created = journal.run_events(RunEvent.RUN_CREATED)
+        config = ExperimentConfig.model_validate(created[0].payload["config"])
+        tree = Tree(block_size=config.exploration.block_size, score=config.exploration.score,
+                    c=config.exploration.ucb_c)
+        for iteration in journal.completed_iterations():
+            record = journal.payload(iteration, Step.RECORDED)
+            if record and record.get("node"):
+                tree.add(Node.from_dict(record["node"]))
+        unfinished = journal.unfinished_iteration()
+        paused = journal.state("paused")
+    rows = tree.rows(block_only=False)
+    if as_json:
+        print(json.dumps([row.__dict__ for row in rows], default=str))
+        return 0
+    print(f"run {run_dir.name}: {len(tree)} nodes" + (
+        f", iteration {unfinished} in progress" if unfinished else "") + (
+        f", PAUSED: {paused}" if paused else ""))
+    print(f"{'node':>5} {'parent':>6} {'R2':>8} {'score':>7} {'visits':>6}  status    mutation")
+    for row in sorted(rows, key=lambda r: r.node_id):
+        parent = "root" if row.parent_id is None else str(row.parent_id)
+        r2 = "nan" if not math.isfinite(row.r2) else f"{row.r2:.4f}"
+        code = "[CODE] " if row.code_changed else ""
+        print(f"{row.node_id:>5} {parent:>6} {r2:>8} {row.score:>7.3f} {row.visits:>6}  "
+              f"{row.status:<9} {code}{row.mutation}")
+    best = tree.best_node()
+    if best is not None:
+        print(f"best: node {best.id}, R2 {best.r2:.4f}")
+    return 0
+
+
+def post(run: str, command) -> int:
+    from engine.journal import Journal, JournalError
+
+    run_dir = _run_dir(Path.cwd(), run)
+    try:
+        with Journal.open_for_client(run_dir) as journal:
+            payload = command.to_payload()
+            kind = payload.pop("kind")
+            journal.post_command(kind, payload)
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"sent {type(command).__name__.lower()} to run {run_dir.name}")
+    return 0
