@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import signal
 import socket
 import sqlite3
 import threading
@@ -271,7 +272,9 @@ class Journal:
                     f"iteration {iteration} (attempt {attempt}) is already at '{last[0]}'; "
                     f"cannot record '{step}' after it"
                 )
-            return self._insert(db, iteration, attempt, step, key, text)
+            event = self._insert(db, iteration, attempt, step, key, text)
+        _crash_if_asked(iteration, step)
+        return event
 
     def _insert(
         self,
@@ -448,6 +451,17 @@ class Journal:
     def state(self, key: str, default: Any = None) -> Any:
         rows = self._query("SELECT value FROM state WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else default
+
+
+# Fault injection for the resume tests: "ITERATION:STEP" makes the engine SIGKILL itself right
+# after that step is durable, the way a power cut or the OOM killer would.
+CRASH_AFTER_ENV = "PROCTOR_CRASH_AFTER"
+
+
+def _crash_if_asked(iteration: int, step: str) -> None:
+    target = os.environ.get(CRASH_AFTER_ENV)
+    if target and target == f"{iteration}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _read_lock_owner(lock_fd: int) -> str:

@@ -600,6 +600,8 @@ class Engine:
             "exploration": self.config.exploration.model_dump(mode="json")})
         if proposal.memory:
             self.logs.rewrite_memory(proposal.memory)
+            for note in self.journal.state("do_not_retry", []):
+                self.logs.add_do_not_retry(note)  # the agent may not drop proctor's notes
         if iteration in self.tree:
             self.tree.update(iteration, status=NodeStatus.PENDING)
         else:
@@ -680,10 +682,12 @@ class Engine:
                 result: RunResult) -> None:
         if node.status is not NodeStatus.DONE and proposal.changes_code:
             change = proposal.code_change.change if proposal.code_change else proposal.mutation
-            self.logs.add_do_not_retry(
-                f"node {iteration}: {change} ({result.status.value}: "
-                f"{(result.error or '').splitlines()[0] if result.error else 'no detail'})"
-            )
+            detail = result.error.splitlines()[0] if result.error else "no detail"
+            note = f"node {iteration}: {change} ({result.status.value}: {detail})"
+            notes = list(self.journal.state("do_not_retry", []))
+            if note not in notes:
+                self.journal.set_state("do_not_retry", [*notes, note])
+            self.logs.add_do_not_retry(note)
         pending = list(self.journal.state("unlogged", []))
         if iteration not in pending:
             pending.append(iteration)

@@ -1,0 +1,248 @@
+"""The engine's loop end to end on a fast fake experiment: real runner processes, real
+journal, real files. The scripted agent decides; everything else is the production path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scripted_agent import ScriptedAgent
+
+from engine import events as ev
+from engine.config import load_config
+from engine.journal import Journal, RunLockedError, Step
+from engine.loop import Engine, RunSettings
+
+HERE = Path(__file__).resolve().parent
+FAKE = HERE / "fakeproject"
+REPO = HERE.parent
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(FAKE, root, ignore=shutil.ignore_patterns("__pycache__", "log"))
+    return root
+
+
+def settings(root: Path, name: str = "r1", iterations: int = 4, approval: str = "auto"):
+    return RunSettings(name=name, config_path=str(root / "configs" / "fake.yaml"),
+                       iterations=iterations, approval=approval, agent="scripted",
+                       runner="subprocess")
+
+
+async def run_engine(root: Path, agent=None, **kwargs) -> tuple[Engine, list[ev.Event]]:
+    seen: list[ev.Event] = []
+    config = load_config(root / "configs" / "fake.yaml")
+    engine = Engine.create(root, config, settings(root, **kwargs), agent or ScriptedAgent(),
+                           seen.append)
+    try:
+        await engine.run()
+    finally:
+        engine.close()
+    return engine, seen
+
+
+async def test_headless_run_keeps_files_journal_and_tree_consistent(project):
+    engine, seen = await run_engine(project)
+    run_dir = project / "log" / "r1"
+    journal = Journal.open_for_client(run_dir)
+    assert journal.completed_iterations() == [1, 2, 3, 4]
+    assert journal.unfinished_iterations() == []
+    journal.close()
+    assert sorted(node.id for node in engine.tree) == [1, 2, 3, 4]
+    analysis = (run_dir / "analysis.md").read_text()
+    assert [line.split(":")[0] for line in analysis.splitlines() if line.startswith("## Iter")] \
+        == ["## Iter 1", "## Iter 2", "## Iter 3", "## Iter 4"]
+    for iteration in range(1, 5):
+        snapshot = run_dir / "configs" / f"iter_{iteration:03d}.yaml"
+        assert snapshot.exists()
+        assert (run_dir / "nodes" / f"{iteration:03d}" / "training.log").read_text()
+    assert "learning_rate: 0.0001" in (run_dir / "configs" / "iter_002.yaml").read_text()
+    reasoning = (run_dir / "reasoning.log").read_text()
+    assert reasoning.count("=== Iteration ") == 4
+    assert "proposed iteration 4" in (run_dir / "memory.md").read_text()
+    assert "=== UCB Scores" in (run_dir / "ucb_scores.txt").read_text()
+    assert (run_dir / "protocols" / "block_001.md").exists()
+    assert (run_dir / "memory" / "block_001.md").exists()
+    # metrics in the log are the harness's, never the agent's
+    node2 = engine.tree.get(2)
+    assert f"final_r2={node2.metrics['final_r2']:.3f}" in analysis
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds[0] == "RunOpened" and kinds[-1] == "RunFinished"
+    assert any(isinstance(e, ev.LogLines) for e in seen)
+
+
+async def test_code_edit_is_inherited_and_branching_back_restores_code(project):
+    engine, _ = await run_engine(project, iterations=4)
+    node3 = engine.tree.get(3)
+    assert node3.code_changed
+    # node 3's code raised BONUS by 0.01: its score carries it, its parent's does not
+    parent = engine.tree.get(node3.parent_id)
+    run_dir = project / "log" / "r1"
+    code = run_dir / "nodes" / "003" / "code" / "models" / "siren.py"
+    assert "BONUS = 0.01" in code.read_text()
+    assert "+BONUS = 0.01" in (run_dir / "nodes" / "003" / "change.diff").read_text()
+    assert node3.metrics["final_r2"] == pytest.approx(parent.metrics["final_r2"] + 0.01)
+    # the user's checkout is untouched
+    original = (FAKE / "models" / "siren.py").read_text()
+    assert (project / "models" / "siren.py").read_text() == original
+
+
+class InvalidEditAgent(ScriptedAgent):
+    async def propose(self, context):
+        reply = await super().propose(context)
+        if context.iteration == 2:
+            from engine.proposal import CodeEdit, Proposal, Strategy
+
+            bad = Proposal(parent_id=1, strategy=Strategy.CODE_CHANGE,
+                           edits=(CodeEdit(file="models/siren.py", search="BONUS = 9",
+                                           replace="BONUS = ("),))
+            return type(reply)(bad, "bad edit")
+        return reply
+
+
+async def test_invalid_edit_is_retried_then_skipped_without_touching_files(project):
+    agent = InvalidEditAgent()
+    engine, seen = await run_engine(project, agent=agent, iterations=3)
+    invalid = [e for e in seen if isinstance(e, ev.ProposalInvalid)]
+    assert len(invalid) == 2  # the first try and one repair (repair_attempts: 1)
+    assert "does not occur" in invalid[0].error
+    repairs = [c.repair for c in agent.contexts if c.iteration == 2 and c.repair]
+    assert repairs and "does not occur" in repairs[0].error
+    assert any(isinstance(e, ev.IterationSkipped) and e.iteration == 2 for e in seen)
+    assert 2 not in engine.tree and 3 in engine.tree
+    assert not (project / "log" / "r1" / "nodes" / "002" / "code").exists()
+
+
+class CrashingCodeAgent(ScriptedAgent):
+    async def propose(self, context):
+        from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
+
+        if context.iteration == 2:
+            return type(await super().propose(context))(Proposal(
+                parent_id=1, strategy=Strategy.REPAIR if context.repair else
+                Strategy.CODE_CHANGE,
+                edits=(CodeEdit(file="models/trainer.py", search="import math",
+                                replace="import math\nraise RuntimeError('broken edit')"),),
+                code_change=CodeChange(file="models/trainer.py", function="fit",
+                                       change="a broken import"),
+                mutation="[code] broken"), "crash me")
+        return await super().propose(context)
+
+
+async def test_crashing_code_gets_repairs_then_fails_and_is_never_inherited(project):
+    agent = CrashingCodeAgent()
+    engine, seen = await run_engine(project, agent=agent, iterations=3)
+    node2 = engine.tree.get(2)
+    assert str(node2.status) == "failed"
+    repair_contexts = [c for c in agent.contexts if c.iteration == 2 and c.repair]
+    assert len(repair_contexts) == 1
+    assert "broken edit" in repair_contexts[0].repair.error
+    memory = (project / "log" / "r1" / "memory.md").read_text()
+    assert "node 2: a broken import" in memory
+    assert engine.tree.get(3).parent_id != 2
+
+
+async def test_code_proposal_waits_for_review_and_reject_reason_reaches_agent(project):
+    agent = ScriptedAgent()
+    config = load_config(project / "configs" / "fake.yaml")
+    seen: list[ev.Event] = []
+
+    def publish(event):
+        seen.append(event)
+        if isinstance(event, ev.ProposalReady) and event.awaiting_review:
+            client = Journal.open_for_client(project / "log" / "r1")
+            waiting = [e for e in seen if isinstance(e, ev.ProposalReady) and e.awaiting_review]
+            if len(waiting) == 1:
+                client.post_command("Reject", {"reason": "no code changes today"})
+            else:
+                client.post_command("Approve", {})
+            client.close()
+
+    engine = Engine.create(project, config, settings(project, iterations=3, approval="code"),
+                           agent, publish)
+    await engine.run()
+    engine.close()
+    decided = [e for e in seen if isinstance(e, ev.ProposalDecided) and e.by == "human"]
+    assert [(d.approved, d.reason) for d in decided] == [
+        (False, "no code changes today"), (True, "")]
+    third = [c for c in agent.contexts if c.iteration == 3]
+    assert third[-1].rejections == ("no code changes today",)
+    assert engine.tree.get(3).code_changed
+
+
+def drive(root: Path, name: str, iterations: int, *extra: str, env=None):
+    return subprocess.run(
+        [sys.executable, str(HERE / "loop_driver.py"), str(root), name, str(iterations), *extra],
+        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize("step", [s.value for s in Step if s is not Step.DECISION] + ["decision"])
+def test_sigkill_at_every_journal_step_resumes_without_loss(project, step):
+    crashed = drive(project, "r1", 3, env={"PROCTOR_CRASH_AFTER": f"2:{step}"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    resumed = drive(project, "r1", 3, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    run_dir = project / "log" / "r1"
+    with Journal.open_for_client(run_dir) as journal:
+        assert journal.completed_iterations() == [1, 2, 3]
+        assert journal.unfinished_iterations() == []
+        proposals = [e for e in journal.events(2) if e.step == Step.PROPOSAL_STORED]
+    assert len(proposals) == 1  # the stored proposal was reused, not asked again
+    analysis = (run_dir / "analysis.md").read_text()
+    headers = [line.split(":")[0] for line in analysis.splitlines() if line.startswith("## Iter")]
+    assert headers == ["## Iter 1", "## Iter 2", "## Iter 3"]
+    assert (run_dir / "reasoning.log").read_text().count("=== Iteration 2 ===") == 1
+
+
+def test_restart_kills_the_orphaned_training_and_reruns_it(project):
+    config = project / "configs" / "fake.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 0\n  step_sleep: 0.2")
+                      .replace("steps: 3", "steps: 40"))
+    run_dir = project / "log" / "r1"
+    engine = subprocess.Popen(
+        [sys.executable, str(HERE / "loop_driver.py"), str(project), "r1", "1"], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = run_dir / "workspace" / "harness.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int(pid_file.read_text())
+    engine.kill()
+    engine.wait()
+    os.kill(orphan, 0)  # the training survived its supervisor
+    resumed = drive(project, "r1", 1, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the orphaned training process is still alive")
+    with Journal.open_for_client(run_dir) as journal:
+        assert journal.completed_iterations() == [1]
+        starts = [e for e in journal.events(1) if e.step == Step.RUN_STARTED]
+    assert len(starts) == 1
+
+
+async def test_second_engine_on_the_same_run_is_refused(project):
+    config = load_config(project / "configs" / "fake.yaml")
+    first = Engine.create(project, config, settings(project), ScriptedAgent())
+    try:
+        before = sorted(p.name for p in (project / "log" / "r1").iterdir())
+        with pytest.raises(RunLockedError, match="r1"):
+            Engine.reopen(project / "log" / "r1", lambda c, s: ScriptedAgent())
+        assert sorted(p.name for p in (project / "log" / "r1").iterdir()) == before
+    finally:
+        first.close()
