@@ -16,10 +16,14 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: str | bytes, *, mode: int | None = None) -> None:
+def write_atomic(
+    path: str | Path, data: str | bytes, *, mode: int | None = None, durable: bool = True
+) -> None:
     """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
 
-    `mode` sets the permission bits (default: keep the existing file's, else 0o644)."""
+    `mode` sets the permission bits (default: keep the existing file's, else 0o644).
+    `durable=False` skips the fsyncs for files rebuilt from the journal anyway: still never
+    torn for a reader, just possibly old after a power cut."""
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     if mode is None:
@@ -32,10 +36,12 @@ def write_atomic(path: str | Path, data: str | bytes, *, mode: int | None = None
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(temp_name, mode)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)

@@ -25,6 +25,9 @@ from engine.atomic import fsync_directory, write_atomic
 from engine.proposal import Proposal
 from engine.tree import Node, NodeStatus
 
+# libyaml when present: the pure-Python emitter costs milliseconds per config snapshot.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 ANALYSIS_FILE = "analysis.md"
 MEMORY_FILE = "memory.md"
 REASONING_FILE = "reasoning.log"
@@ -719,7 +722,7 @@ class RunLogs:
     def write_scores(self, text: str) -> Path:
         """ucb_scores.txt (from `Tree.render_score_table`), atomically."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.scores_path, text)
+        write_atomic(self.scores_path, text, durable=False)
         return self.scores_path
 
     def config_snapshot_path(self, iteration: int) -> Path:
@@ -728,14 +731,14 @@ class RunLogs:
     def write_config_snapshot(self, iteration: int, config: dict[str, Any]) -> Path:
         """`configs/iter_NNN.yaml`: the full config of the run, the file the harness reads."""
         try:
-            text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+            text = yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True)
         except yaml.YAMLError as exc:
             raise LogsError(
                 f"the config of iteration {iteration} is not plain YAML: {exc}"
             ) from None
         path = self.config_snapshot_path(iteration)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
+        write_atomic(path, text, durable=False)  # rewritten from the journal before each run
         return path
 
     def snapshot_protocol(self, block: int, text: str) -> Path:
@@ -784,7 +787,7 @@ class RunLogs:
             record["run"] = run
         text = json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n"
         path = self.metrics_path(node.id)
-        write_atomic(path, text)
+        write_atomic(path, text, durable=False)  # the journal holds the same result
         return path
 
     def read_metrics(self, node_id: int) -> dict[str, Any]:
@@ -805,7 +808,8 @@ class RunLogs:
             (self.config_diff_path(node_id), config_diff_text),
         ):
             if text:
-                write_atomic(path, text if text.endswith("\n") else text + "\n")
+                # the journal holds the proposal these diffs are derived from
+                write_atomic(path, text if text.endswith("\n") else text + "\n", durable=False)
                 written.append(path)
         return written
 

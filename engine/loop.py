@@ -28,6 +28,7 @@ from engine.logs import RunLogs, log_tail
 from engine.proposal import Proposal, Strategy
 from engine.runner import (
     ProcessIdentity,
+    Runner,
     RunRequest,
     RunResult,
     RunStatus,
@@ -85,24 +86,24 @@ def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any
     return updated
 
 
-def get_dotted(config: dict[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def config_diff(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old -> new` lines for every leaf that differs."""
-    lines = []
+def config_changes(
+    before: dict[str, Any], after: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
+    """Every leaf that differs, as dotted key -> (old, new)."""
+    changes: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(before) | set(after)):
         dotted = f"{prefix}{key}"
         old, new = before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            lines.extend(config_diff(old, new, dotted + "."))
+            changes.update(config_changes(old, new, dotted + "."))
         elif old != new:
-            lines.append(f"{dotted}: {old!r} -> {new!r}")
-    return lines
+            changes[dotted] = (old, new)
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], separator: str = "\n") -> str:
+    """`key: old -> new` per change."""
+    return separator.join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
 class Engine:
@@ -117,6 +118,7 @@ class Engine:
         agent: Agent,
         journal: Journal,
         publish: Callable[[ev.Event], None] = lambda event: None,
+        runner: Runner | None = None,
     ):
         self.run_dir = run_dir
         self.project_root = project_root
@@ -134,10 +136,11 @@ class Engine:
             score=self.exploration.score,
             c=self.exploration.ucb_c,
         )
-        self.runner = make_runner(settings.runner)
+        self.runner = runner or make_runner(settings.runner)
         self._commands: asyncio.Queue[ev.Command] = asyncio.Queue()
         self._stop_reason: str | None = None
         self._started_at = time.monotonic()
+        self._changes: dict[int, dict[str, Any]] = {}
         self._rebuild_tree()
 
     # -- opening a run ----------------------------------------------------------------------
@@ -150,6 +153,7 @@ class Engine:
         settings: RunSettings,
         agent: Agent,
         publish: Callable[[ev.Event], None] = lambda event: None,
+        runner: Runner | None = None,
     ) -> Engine:
         """Start a new run under `log/<name>/`; refuses a name that is taken."""
         if not RUN_NAME.match(settings.name):
@@ -179,7 +183,7 @@ class Engine:
         except BaseException:
             journal.close()
             raise
-        return cls(run_dir, project_root, config, settings, agent, journal, publish)
+        return cls(run_dir, project_root, config, settings, agent, journal, publish, runner)
 
     @classmethod
     def reopen(
@@ -451,18 +455,22 @@ class Engine:
         )
 
     def _summary(self, node: Node, iteration: int) -> NodeSummary:
-        parent_config = (self.tree.get(node.parent_id).config if node.parent_id is not None
-                         else self.config.experiment_sections())
-        changes = {}
-        for line in config_diff(parent_config, node.config):
-            key = line.split(":", 1)[0]
-            changes[key] = get_dotted(node.config, key)
+        changes = self._changes.get(node.id)
+        if changes is None:  # a node's config never changes: diff it against its parent once
+            changes = {key: new for key, (_, new) in
+                       config_changes(self._parent_config(node), node.config).items()}
+            self._changes[node.id] = changes
         return NodeSummary(
             id=node.id, parent_id=node.parent_id, block=node.block, status=str(node.status),
             strategy=node.strategy, mutation=node.mutation, code_changed=node.code_changed,
             config_changes=changes, config=node.config, metrics=dict(node.metrics),
             score=self.tree.score(node.id, iteration) if node.finished else None,
         )
+
+    def _parent_config(self, node: Node) -> dict[str, Any]:
+        if node.parent_id is None:
+            return self.config.experiment_sections()
+        return self.tree.get(node.parent_id).config
 
     def _read_file(self, node_id: int | None, path: str) -> str:
         return self._files_at(node_id).get(path, "")
@@ -511,7 +519,8 @@ class Engine:
             raise ProposalRejected(str(exc)) from None
         files = {**before, **changed}
         diff = unified_diff(before, files)
-        mutation = proposal.mutation or "; ".join(config_diff(parent_config, config)) or "none"
+        mutation = proposal.mutation or describe_changes(
+            config_changes(parent_config, config), "; ") or "none"
         node = Node(
             id=iteration, parent_id=parent_id, config=config, code_changed=bool(changed),
             status=NodeStatus.PENDING, author="agent", strategy=str(proposal.strategy),
@@ -552,9 +561,7 @@ class Engine:
         stored = self.journal.payload(iteration, Step.DECISION, attempt)
         if stored is not None:
             return stored["approved"], stored.get("reason", "")
-        parent_config = (self.config.experiment_sections() if node.parent_id is None
-                         else self.tree.get(node.parent_id).config)
-        changes = "\n".join(config_diff(parent_config, node.config))
+        changes = describe_changes(config_changes(self._parent_config(node), node.config))
         waiting = self._needs_review(proposal)
         self.publish(ev.ProposalReady(iteration, proposal, diff, changes, waiting))
         approved, reason, by = True, "", "policy"
@@ -593,11 +600,8 @@ class Engine:
             return
         if node.code_changed:
             self.code.store(iteration, files)
-        parent_config = (self.config.experiment_sections() if node.parent_id is None
-                         else self.tree.get(node.parent_id).config)
-        self.logs.write_change(iteration, diff, "\n".join(config_diff(parent_config, node.config)))
-        self.logs.write_config_snapshot(iteration, node.config | {
-            "exploration": self.config.exploration.model_dump(mode="json")})
+        changes = config_changes(self._parent_config(node), node.config)
+        self.logs.write_change(iteration, diff, describe_changes(changes))
         if proposal.memory:
             self.logs.rewrite_memory(proposal.memory)
             for note in self.journal.state("do_not_retry", []):
