@@ -1,0 +1,73 @@
+"""Subprocess mode, the reference: every run execs a fresh Python.
+
+The leader is `python -I -S isolation.py SETUP -- python -m <harness> ...`, spawned with
+posix_spawn (no fork of the supervisor, safe with threads) in a new session; the launcher
+applies the setup and execs the harness, so the harness process is the leader itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+
+from engine.runner import isolation
+from engine.runner.isolation import ChildSetup, ProcessIdentity
+from engine.runner.runner import Runner, Spawned
+from engine.runner.types import RunRequest
+
+
+def spawn_subprocess(
+    request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+) -> Spawned:
+    """Start a run as a fresh interpreter; must be called from the event loop's thread (the
+    leader's parent-death signal is tied to the thread that spawned it)."""
+    argv = [
+        sys.executable,
+        "-I",
+        "-S",
+        isolation.__file__,
+        setup.to_json(),
+        "--",
+        sys.executable,
+        "-m",
+        request.harness,
+        *request.harness_argv(),
+    ]
+    pid = os.posix_spawn(
+        sys.executable,
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, output_fd, 1),
+            (os.POSIX_SPAWN_DUP2, output_fd, 2),
+        ],
+        setsid=True,
+    )
+    stat = isolation.read_stat(pid)  # unreaped, so it is there even if the child already exited
+    assert stat is not None
+    ended = asyncio.ensure_future(isolation.wait_for_exit(pid))
+
+    def abandon() -> None:
+        ended.cancel()
+        with contextlib.suppress(ChildProcessError):  # SIGKILLed just now: reap it here
+            os.waitpid(pid, 0)
+
+    return Spawned(
+        identity=ProcessIdentity(pid, pid, stat.start_time, setup.cgroup_dir),
+        walk_root=pid,
+        ended=ended,
+        abandon=abandon,
+    )
+
+
+class SubprocessRunner(Runner):
+    """Executes a fresh `python -m <harness>` per run."""
+
+    mode = "subprocess"
+
+    async def _spawn(
+        self, request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+    ) -> Spawned:
+        return spawn_subprocess(request, setup, env, output_fd)
