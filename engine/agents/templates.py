@@ -105,7 +105,9 @@ LINEAR_WARMUP = CodeTemplate(
         _edit(
             TRAINER,
             "        loss_value = loss.item()\n        report(step, loss_value)\n",
-            "        loss_value = loss.item()\n        warmup.step()\n        report(step, loss_value)\n",
+            "        loss_value = loss.item()\n"
+            "        warmup.step()\n"
+            "        report(step, loss_value)\n",
         ),
     ),
 )

@@ -1,0 +1,1241 @@
+"""The offline agent: the protocol's strategy table, followed deterministically.
+
+Given the same config seed and the same history it returns the same proposal: all chance
+comes from one `random.Random` derived from (seed, iteration, repair attempt, rejections).
+Config changes step one search-space key at a time inside its declared range; code changes
+come from the template library in `engine.agents.templates`, tried only where their search
+text occurs exactly once in the parent's files. Log text is never copied into the prose.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.agents.base import AgentContext, AgentReply, NodeSummary
+from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
+from engine.config import ExperimentConfig, ParamRange
+from engine.logs import MEMORY_MAX_LINES, format_number, quality_word
+from engine.proposal import Proposal, Strategy
+
+# The protocol's thresholds, named after its wording.
+FORCED_BRANCH_CHAIN_LENGTH = 4  # "the block's nodes form one chain, length >= 4"
+SWITCH_AFTER_SAME_KEY_MUTATIONS = 4  # "the last 4 mutations along this lineage"
+BOUNDARY_PROBE_SUCCESSES_IN_A_ROW = 3  # "3 successes in a row"
+CODE_GATE_BEST_R2_BELOW = 0.75  # "the best R2 of the block stayed < 0.75 ..."
+CODE_GATE_POOR_ITERATIONS = 4  # "... for 4+ iterations"
+CODE_GATE_PAST_ITERATION = 4  # "the block is past its 4th iteration"
+NO_IMPROVEMENT_ITERATIONS = 3  # "best R2 has not improved for 3 iterations"
+GOOD_R2 = 0.90  # "a good node (R2 >= 0.90)"
+RETEST_MIN_BLOCK_NODES = 6  # "the block has >= 6 nodes"
+ROBUST_R2_BAND = 0.02  # "a result within +-0.02 counts as robust"
+
+# Step sizes of Step 5.1.
+LOG_STEP_FACTORS = (2.0, 3.0)  # "multiply or divide by 2-3"
+BOUNDARY_PROBE_LOG_FACTOR = 10.0  # "(boundary-probe: 10)"
+LINEAR_STEP_FRACTIONS = (0.2, 0.3, 0.4, 0.5)  # "+-20-50 %"
+SIGNIFICANT_DIGITS = 3  # proposed floats read like a person typed them
+
+SEED_KEY = "training.seed"
+LEVEL_R2_BAND = 0.005  # a change this small reads as "level" in the prose
+SLOPE_BIAS_BAND = 0.2  # |slope - 1| beyond this: the fit is biased
+
+# memory.md: per-section caps keep the whole file under the protocol's 500 lines.
+ITERATION_LINES_CAP = 150
+LIST_SECTION_CAP = 60
+OBSERVATION_LINES_CAP = 30
+SUMMARY_LINES_CAP = 15
+
+FINISHED = ("done", "diverged")
+NOT_RUN = ("pending", "running")
+
+
+class HeuristicAgent:
+    """Offline, deterministic agent; the default when no API key is configured."""
+
+    name = "heuristic"
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+
+    async def propose(self, context: AgentContext) -> AgentReply:
+        """One proposal for this iteration, following the protocol's strategy table."""
+        return decide(context, self.config)
+
+
+# -- the history, read once per decision ---------------------------------------------------
+
+
+@dataclass
+class Avoid:
+    """What must not be proposed again: (parent, key, value) triples and template names
+    taken by proposals a human rejected in this iteration."""
+
+    triples: list[tuple[int | None, str, Any]] = field(default_factory=list)
+    templates: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision before it is worded: table row, parent, change."""
+
+    row: int
+    strategy: Strategy
+    parent_id: int | None
+    parent_rule: str
+    why: str
+    hypothesis: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    template: CodeTemplate | None = None
+    note: str = ""  # one extra sentence for the analysis
+    do_not_retry: tuple[str, ...] = ()
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality that treats 3e-05 and 3.0000000000000004e-05 as the same config value."""
+    if _is_number(a) and _is_number(b):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _flatten(sections: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in sections.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def dotted_value(sections: Mapping[str, Any], dotted: str) -> Any:
+    """The value at `dotted` in nested mappings; KeyError when absent."""
+    node: Any = sections
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+class History:
+    """The tree as the agent sees it, with the questions the strategy table asks of it."""
+
+    def __init__(self, context: AgentContext, config: ExperimentConfig, avoid: Avoid) -> None:
+        self.context = context
+        self.config = config
+        self.avoid = avoid
+        self.space: dict[str, ParamRange] = dict(config.exploration.search_space)
+        self.keys = sorted(self.space)
+        self.by_id = {node.id: node for node in context.nodes}
+        self.children: dict[int | None, list[NodeSummary]] = {}
+        for node in sorted(context.nodes, key=lambda n: n.id):
+            self.children.setdefault(node.parent_id, []).append(node)
+        self.block_nodes = sorted(
+            (n for n in context.nodes if n.block == context.block), key=lambda n: n.id
+        )
+        self._flat: dict[int | None, dict[str, Any]] = {}
+        self._code: dict[int | None, tuple[str, ...]] = {}
+        self._runs: set[tuple[Any, ...]] | None = None
+
+    # nodes
+    def parent(self, node: NodeSummary) -> NodeSummary | None:
+        return self.by_id.get(node.parent_id) if node.parent_id is not None else None
+
+    def lineage(self, node_id: int | None) -> list[NodeSummary]:
+        """The node, its parent, ... up to the root."""
+        chain: list[NodeSummary] = []
+        seen: set[int] = set()
+        while node_id is not None and node_id in self.by_id and node_id not in seen:
+            seen.add(node_id)
+            node = self.by_id[node_id]
+            chain.append(node)
+            node_id = node.parent_id
+        return chain
+
+    def is_ancestor(self, ancestor: NodeSummary, node: NodeSummary) -> bool:
+        return any(n.id == ancestor.id for n in self.lineage(node.id))
+
+    def common_ancestor(self, a: NodeSummary, b: NodeSummary) -> int | None:
+        """The nearest node both descend from (None: the base config)."""
+        ancestors = {n.id for n in self.lineage(a.id)}
+        return next((n.id for n in self.lineage(b.id) if n.id in ancestors), None)
+
+    def is_success(self, node: NodeSummary) -> bool:
+        """A child that ran and whose R2 is above its parent's."""
+        parent = self.parent(node)
+        return (node.status == "done" and parent is not None and parent.status in FINISHED
+                and node.r2 > parent.r2)
+
+    def candidates(self) -> list[NodeSummary]:
+        """Possible parents, best score first (the engine's list; else finished nodes by R2)."""
+        listed = [self.by_id[i] for i in self.context.candidates if i in self.by_id]
+        listed = [n for n in listed if n.status in FINISHED]
+        if listed:
+            return listed
+        return sorted((n for n in self.context.nodes if n.status in FINISHED),
+                      key=lambda n: (-n.r2, n.id))
+
+    def best_done(self, nodes: Iterable[NodeSummary]) -> NodeSummary | None:
+        done = [n for n in nodes if n.status == "done"]
+        return min(done, key=lambda n: (-n.r2, n.id)) if done else None
+
+    def ran_block_nodes(self) -> list[NodeSummary]:
+        return [n for n in self.block_nodes if n.status not in NOT_RUN]
+
+    # config values
+    def value(self, node_id: int | None, key: str) -> Any:
+        """The value `key` had in the config that ran at `node_id` (None: the base config)."""
+        if node_id is not None and node_id in self.by_id:
+            try:
+                return dotted_value(self.by_id[node_id].config, key)
+            except KeyError:
+                pass
+        try:
+            return self.config.value_at(key)
+        except KeyError:
+            return None
+
+    def single_key(self, node: NodeSummary) -> str | None:
+        """The one config key this node changed (None for code changes and multi-key nodes)."""
+        if node.code_changed or len(node.config_changes) != 1:
+            return None
+        return next(iter(node.config_changes))
+
+    def exists(self, parent_id: int | None, key: str, value: Any) -> bool:
+        """True when (parent, key, value) is already a node or was rejected this iteration."""
+        for child in self.children.get(parent_id, []):
+            if key in child.config_changes and same_value(child.config_changes[key], value):
+                return True
+        return any(p == parent_id and k == key and same_value(v, value)
+                   for p, k, v in self.avoid.triples)
+
+    def code_signature(self, node_id: int | None) -> tuple[str, ...]:
+        """What the code at a node is made of: the templates (or, for other edits, the nodes)
+        that changed it along the lineage; () is the base code."""
+        if node_id not in self._code:
+            parts = []
+            for node in self.lineage(node_id):
+                if node.code_changed:
+                    template = template_of(node.mutation)
+                    parts.append(template.name if template is not None else f"node {node.id}")
+            self._code[node_id] = tuple(sorted(parts))
+        return self._code[node_id]
+
+    def flat_config(self, node_id: int | None) -> dict[str, Any]:
+        """The config that ran at the node as dotted key -> value (None: the base config)."""
+        if node_id not in self._flat:
+            node = self.by_id.get(node_id) if node_id is not None else None
+            sections = node.config if node is not None and node.config else \
+                self.config.experiment_sections()
+            self._flat[node_id] = dict(_flatten(sections))
+        return self._flat[node_id]
+
+    def taken(self, parent_id: int | None, changes: Mapping[str, Any]) -> bool:
+        """True when a change repeats a (parent, key, value) already tried or rejected, or
+        would rerun the exact config and code of an existing node (e.g. undoing a step)."""
+        if not changes or any(self.exists(parent_id, k, v) for k, v in changes.items()):
+            return True
+        if self._runs is None:
+            self._runs = {self._run_key(n.id, self.flat_config(n.id)) for n in self.context.nodes}
+        return self._run_key(parent_id, self.flat_config(parent_id) | dict(changes)) in self._runs
+
+    def _run_key(self, node_id: int | None, flat: Mapping[str, Any]) -> tuple[Any, ...]:
+        """A hashable identity of (code, config); floats to 9 significant digits."""
+        def norm(value: Any) -> Any:
+            if isinstance(value, float):
+                return float(f"{value:.9g}")
+            if isinstance(value, list | tuple):
+                return tuple(norm(v) for v in value)
+            return value
+
+        return self.code_signature(node_id), tuple(sorted((k, norm(v)) for k, v in flat.items()))
+
+    def keys_tried_at(self, node_id: int | None) -> set[str]:
+        return {k for child in self.children.get(node_id, []) for k in child.config_changes}
+
+    def regime(self, node_id: int | None) -> tuple[Any, Any]:
+        return self.value(node_id, "dataset.field"), self.value(node_id, "dataset.n_frames")
+
+
+# -- stepping one parameter ----------------------------------------------------------------
+
+
+def _round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    return float(f"{value:.{digits}g}") if value else 0.0
+
+
+def _choice_index(choices: Sequence[Any], current: Any) -> int:
+    for index, choice in enumerate(choices):
+        if same_value(choice, current):
+            return index
+    numeric = [c for c in choices if isinstance(c, int | float) and not isinstance(c, bool)]
+    if numeric and isinstance(current, int | float) and not isinstance(current, bool):
+        nearest = min(numeric, key=lambda c: abs(float(c) - float(current)))
+        return list(choices).index(nearest)
+    return 0
+
+
+def direction_of(spec: ParamRange, old: Any, new: Any) -> int:
+    """+1 when the change went up (a later choice, a larger number), -1 when down, 0 level."""
+    if spec.choices is not None:
+        delta = _choice_index(spec.choices, new) - _choice_index(spec.choices, old)
+    else:
+        try:
+            delta = float(new) - float(old)
+        except (TypeError, ValueError):
+            return 0
+    return (delta > 0) - (delta < 0)
+
+
+def step_value(spec: ParamRange, current: Any, direction: int, rng: random.Random,
+               *, probe: bool = False) -> Any | None:
+    """One protocol step of a value in `direction` (+1/-1), inside the range; None when the
+    range leaves no room that way. `probe` takes the boundary-probe's bigger step."""
+    if spec.choices is not None:
+        choices = list(spec.choices)
+        index = _choice_index(choices, current)
+        target = (len(choices) - 1 if direction > 0 else 0) if probe else index + direction
+        if not 0 <= target < len(choices) or same_value(choices[target], current):
+            return None
+        return choices[target]
+    if isinstance(current, bool) or not isinstance(current, int | float):
+        return None
+    low, high = float(spec.low), float(spec.high)
+    value = float(current)
+    if spec.log:
+        factor = BOUNDARY_PROBE_LOG_FACTOR if probe else rng.choice(LOG_STEP_FACTORS)
+        base = value if value > 0 else low
+        new = base * factor if direction > 0 else base / factor
+    elif probe:
+        new = high if direction > 0 else low
+    else:
+        fraction = rng.choice(LINEAR_STEP_FRACTIONS)
+        size = abs(value) * fraction or (high - low) * fraction
+        new = value + direction * size
+    new = min(max(new, low), high)
+    if spec.integer:
+        stepped = int(round(new))
+        if stepped == int(round(value)):
+            stepped += direction
+        if not low <= stepped <= high or same_value(stepped, value):
+            return None
+        return stepped
+    new = min(max(_round_significant(new), low), high)
+    return None if same_value(new, value) else new
+
+
+# -- the decision --------------------------------------------------------------------------
+
+
+def derive_rng(seed: int, context: AgentContext) -> random.Random:
+    """The decision's only source of chance: (seed, iteration, repair attempt, rejections)."""
+    attempt = context.repair.attempt if context.repair is not None else 0
+    return random.Random(
+        f"proctor-heuristic:{seed}:{context.iteration}:{attempt}:{len(context.rejections)}"
+    )
+
+
+def decide(context: AgentContext, config: ExperimentConfig) -> AgentReply:
+    """The whole decision: replay what was rejected (to avoid it), plan, then word it."""
+    avoid = Avoid()
+    rejected: list[tuple[Plan, str]] = []
+    for count, reason in enumerate(context.rejections):
+        earlier = replace(context, rejections=context.rejections[:count], repair=None)
+        plan = Planner(earlier, config, avoid).plan()
+        rejected.append((plan, reason))
+        avoid.triples.extend((plan.parent_id, k, v) for k, v in plan.changes.items())
+        if plan.template is not None:
+            avoid.templates.add(plan.template.name)
+    planner = Planner(context, config, avoid)
+    plan = planner.plan()
+    return word(planner.history, plan, rejected)
+
+
+class Planner:
+    """Walks the strategy table top to bottom; the first row that yields a plan wins."""
+
+    def __init__(self, context: AgentContext, config: ExperimentConfig, avoid: Avoid) -> None:
+        self.context = context
+        self.history = History(context, config, avoid)
+        self.rng = derive_rng(config.exploration.seed, context)
+        self._files: dict[tuple[int | None, str], str] = {}
+
+    def plan(self) -> Plan:
+        rows = (
+            self.baseline,
+            self.repair,
+            self.no_finished_parent,
+            self.block_start,
+            self.forced_branch,
+            self.switch_parameter,
+            self.boundary_probe,
+            self.code_modification,
+            self.explore_stagnation,
+            self.retest,
+            self.recombine,
+        )
+        for row in rows:
+            plan = row()
+            if plan is not None:
+                return plan
+        return self.exploit()
+
+    # helpers
+    def _shuffled(self, items: Iterable[Any]) -> list[Any]:
+        ordered = list(items)
+        self.rng.shuffle(ordered)
+        return ordered
+
+    def _one_step(self, parent_id: int | None, keys: Sequence[str],
+                  directions: Sequence[int] | None = None) -> tuple[str, Any] | None:
+        """The first (key, new value) among `keys` that stays in range and is new here."""
+        h = self.history
+        for key in keys:
+            spec = h.space[key]
+            for direction in directions or self._shuffled((1, -1)):
+                value = step_value(spec, h.value(parent_id, key), direction, self.rng)
+                if value is not None and not h.taken(parent_id, {key: value}):
+                    return key, value
+        return None
+
+    def _preferring(self, preferred: Iterable[str]) -> list[str]:
+        """All search-space keys, `preferred` ones first (each group shuffled)."""
+        wanted = set(preferred)
+        first = [k for k in self.history.keys if k in wanted]
+        rest = [k for k in self.history.keys if k not in wanted]
+        return self._shuffled(first) + self._shuffled(rest)
+
+    def _read(self, node_id: int | None, path: str) -> str:
+        if (node_id, path) not in self._files:
+            try:
+                text = self.context.read_file(node_id, path)
+            except Exception:  # a file we cannot read is a template that does not apply
+                text = ""
+            self._files[(node_id, path)] = text if isinstance(text, str) else ""
+        return self._files[(node_id, path)]
+
+    def _excluded_templates(self) -> set[str]:
+        """Templates already tried anywhere, in memory's Do not retry, or rejected."""
+        names = set(self.history.avoid.templates)
+        for node in self.context.nodes:
+            template = template_of(node.mutation)
+            if template is not None:
+                names.add(template.name)
+        settled = (memory_section(self.context.memory, "do not retry") + "\n"
+                   + "\n".join(self.context.rejections)).lower()
+        for template in TEMPLATES:
+            if template.name.lower() in settled or template.change.lower() in settled:
+                names.add(template.name)
+        return names
+
+    def _template_at(self, parent_id: int | None, excluded: set[str]) -> CodeTemplate | None:
+        usable = [t for t in TEMPLATES
+                  if t.name not in excluded and t.applies(self._read(parent_id, t.file))]
+        return self.rng.choice(usable) if usable else None
+
+    def _key_plan(self, row: int, strategy: Strategy, parent_id: int | None, rule: str,
+                  why: str, step: tuple[str, Any], note: str = "",
+                  do_not_retry: tuple[str, ...] = ()) -> Plan:
+        key, value = step
+        old = self.history.value(parent_id, key)
+        return Plan(row, strategy, parent_id, rule, why, key_hypothesis(self.history, key, old,
+                    value), {key: value}, note=note, do_not_retry=do_not_retry)
+
+    def _seed_plan(self, row: int, strategy: Strategy, parent: NodeSummary, rule: str,
+                   why: str) -> Plan:
+        h = self.history
+        current = h.value(parent.id, SEED_KEY)
+        seed = int(current) + 1 if isinstance(current, int) else 1
+        while h.taken(parent.id, {SEED_KEY: seed}):
+            seed += 1
+        hypothesis = (f"Node {parent.id}'s result is robust: with training seed {seed} its R2 "
+                      f"lands within +-{ROBUST_R2_BAND} of the original.")
+        return Plan(row, strategy, parent.id, rule, why, hypothesis, {SEED_KEY: seed})
+
+    def _default_parent(self) -> NodeSummary | None:
+        candidates = self.history.candidates()
+        return candidates[0] if candidates else None
+
+    # row 1
+    def baseline(self) -> Plan | None:
+        if self.context.nodes:
+            return None
+        return Plan(1, Strategy.BASELINE, None, "Root (baseline: the config as given)",
+                    "No node has run yet: measure the config as given.",
+                    "The config as given trains to a finite R2 that sets the reference the "
+                    "run's changes are measured against.")
+
+    # row 2
+    def repair(self) -> Plan | None:
+        repair = self.context.repair
+        if repair is None:
+            return None
+        h = self.history
+        failed = repair.proposal
+        parent = h.by_id.get(failed.parent_id) if failed.parent_id is not None else None
+        if parent is not None and parent.status not in FINISHED:
+            parent = None
+        if parent is None:
+            parent = self._default_parent()
+        parent_id = parent.id if parent is not None else None
+        crashed = any(n.id == self.context.iteration and n.status in ("failed", "diverged")
+                      for n in self.context.nodes)
+        kind = "crashed" if crashed else "was invalid"
+        failed_name = failed.mutation or "the previous proposal"
+        rule = (f"Node {parent_id} (same parent as the failed proposal)" if parent_id is not None
+                else "Root (same parent as the failed proposal)")
+        why = (f"The previous proposal ({failed_name}) {kind} (attempt {repair.attempt} of "
+               f"{repair.max_attempts}): propose something different from the same parent.")
+        lead = f"The proposed {failed_name} {kind}"
+        if failed.edits:
+            failed_templates = {t.name for t in TEMPLATES if t.mutation == failed.mutation
+                                or set(t.edits) & set(failed.edits)}
+            excluded = self._excluded_templates() | failed_templates
+            notes = tuple(f"{name}: {'crashed' if crashed else 'invalid edit'} at node "
+                          f"{parent_id} (attempt {repair.attempt}); do not retry it"
+                          for name in sorted(failed_templates))
+            template = None if self.context.rejections else self._template_at(parent_id, excluded)
+            if template is not None:
+                return Plan(2, Strategy.REPAIR, parent_id, rule, why, template.hypothesis,
+                            template=template, do_not_retry=notes,
+                            note=f"{lead}; replacing it with another template, "
+                                 f"{template.name}.")
+            step = self._one_step(parent_id, self._shuffled(h.keys))
+            if step is not None:
+                return self._key_plan(2, Strategy.REPAIR, parent_id, rule,
+                                      why + " No other template applies there: change config.",
+                                      step, note=f"{lead}; falling back to a config-only change.",
+                                      do_not_retry=notes)
+        else:
+            step = self._one_step(parent_id, self._preferring(
+                k for k in h.keys if k not in failed.config_changes))
+            if step is not None:
+                return self._key_plan(2, Strategy.REPAIR, parent_id, rule, why, step,
+                                      note=f"{lead}; proposing a different config change.")
+        if parent is not None:
+            return self._seed_plan(2, Strategy.REPAIR, parent, rule,
+                                   why + " Every step there is taken: re-run with a new seed.")
+        return None
+
+    # guard: nodes exist but none finished (e.g. the baseline failed)
+    def no_finished_parent(self) -> Plan | None:
+        if self.history.candidates():
+            return None
+        step = self._one_step(None, self._shuffled(self.history.keys))
+        if step is None:
+            return None
+        return self._key_plan(1, Strategy.EXPLORE, None, "Root (no finished node yet)",
+                              "No node has finished yet: step one key of the config as given.",
+                              step)
+
+    # row 3
+    def block_start(self) -> Plan | None:
+        if self.context.iteration_in_block != 1 or self.context.block <= 1:
+            return None
+        h = self.history
+        best = h.best_done(self.context.nodes) or self._default_parent()
+        if best is None:
+            return None
+        step = self._one_step(best.id, self._preferring(
+            k for k in h.keys if k not in h.keys_tried_at(best.id)))
+        if step is None:
+            return None
+        field_name, n_frames = h.regime(best.id)
+        note = (f"Block {self.context.block} keeps the regime (field {field_name}, n_frames "
+                f"{n_frames}) so its results stay comparable with block {self.context.block - 1}.")
+        return self._key_plan(
+            3, Strategy.EXPLORE, best.id, f"Node {best.id} (best node so far, new block)",
+            f"First iteration of block {self.context.block}: start from the best node so far, "
+            "keeping the regime.", step, note=note)
+
+    # row 4
+    def forced_branch(self) -> Plan | None:
+        h = self.history
+        chain = h.block_nodes
+        if len(chain) < FORCED_BRANCH_CHAIN_LENGTH:
+            return None
+        if any(chain[i].parent_id != chain[i - 1].id for i in range(1, len(chain))):
+            return None
+        tip = chain[-1]
+        parents = sorted((n for n in chain[:-1] if n.status == "done"), key=lambda n: (-n.r2, n.id))
+        touched = [k for n in chain for k in n.config_changes]
+        untouched = [k for k in h.keys if k not in touched]
+        keys = self._shuffled(untouched) + sorted(
+            (k for k in h.keys if k not in untouched), key=lambda k: (touched.count(k), k))
+        for parent in parents:
+            step = self._one_step(parent.id, keys)
+            if step is not None:
+                return self._key_plan(
+                    4, Strategy.FORCED_BRANCH, parent.id,
+                    f"Node {parent.id} (forced branch off chain {chain[0].id}-{tip.id})",
+                    f"The block's {len(chain)} nodes form one chain "
+                    f"({'-'.join(str(n.id) for n in chain)}) with no branch: branch off a "
+                    "good node that is not the tip, on a key the chain did not touch.", step)
+        return None
+
+    # row 5
+    def switch_parameter(self) -> Plan | None:
+        h = self.history
+        parent = self._default_parent()
+        if parent is None:
+            return None
+        recent = h.lineage(parent.id)[:SWITCH_AFTER_SAME_KEY_MUTATIONS]
+        keys = [h.single_key(n) for n in recent]
+        if (len(keys) < SWITCH_AFTER_SAME_KEY_MUTATIONS or keys[0] is None
+                or keys[0] not in h.space or any(k != keys[0] for k in keys)):
+            return None
+        repeated = keys[0]
+        lineage_keys = {k for n in h.lineage(parent.id) for k in n.config_changes}
+        others = [k for k in h.keys if k != repeated]
+        order = self._shuffled(k for k in others if k not in lineage_keys) + self._shuffled(
+            k for k in others if k in lineage_keys)
+        step = self._one_step(parent.id, order)
+        if step is None:
+            return None
+        ids = ", ".join(str(n.id) for n in recent)
+        return self._key_plan(
+            5, Strategy.SWITCH_PARAMETER, parent.id, f"Node {parent.id} (highest score)",
+            f"The last {len(recent)} mutations along node {parent.id}'s lineage (nodes {ids}) "
+            f"all changed {repeated}: switch to another key.", step)
+
+    # row 6
+    def boundary_probe(self) -> Plan | None:
+        h = self.history
+        parent = self._default_parent()
+        if parent is None:
+            return None
+        streak = h.lineage(parent.id)[:BOUNDARY_PROBE_SUCCESSES_IN_A_ROW]
+        if len(streak) < BOUNDARY_PROBE_SUCCESSES_IN_A_ROW or not all(
+                h.is_success(n) for n in streak):
+            return None
+        for node in streak:
+            key = h.single_key(node)
+            if key is None or key not in h.space:
+                continue
+            spec = h.space[key]
+            direction = direction_of(spec, h.value(node.parent_id, key), h.value(node.id, key))
+            if direction == 0:
+                continue
+            old = h.value(parent.id, key)
+            value = step_value(spec, old, direction, self.rng, probe=True)
+            if value is None or h.taken(parent.id, {key: value}):
+                return None
+            ids = ", ".join(str(n.id) for n in streak)
+            way = "up" if direction > 0 else "down"
+            hypothesis = (f"Pushing {key} further {way}, to {format_number(value)}, finds where "
+                          f"it stops helping: R2 falls below node {parent.id}'s there.")
+            return Plan(6, Strategy.BOUNDARY_PROBE, parent.id, f"Node {parent.id} (highest score)",
+                        f"Nodes {ids} each beat their parent ({len(streak)} successes in a row) "
+                        f"and {key} kept helping going {way}: probe toward the edge of its range.",
+                        hypothesis, {key: value})
+        return None
+
+    # row 7
+    def code_modification(self) -> Plan | None:
+        h = self.history
+        if self.context.rejections or self.context.iteration_in_block <= CODE_GATE_PAST_ITERATION:
+            return None
+        ran = h.ran_block_nodes()
+        best = h.best_done(ran)
+        best_r2 = best.r2 if best is not None else 0.0
+        # a code change is a new situation: the poor streak counts again from it (code stays rare)
+        last_code = max((i for i, n in enumerate(ran) if n.code_changed), default=-1)
+        since = len(ran) - 1 - last_code
+        if since < CODE_GATE_POOR_ITERATIONS or best_r2 >= CODE_GATE_BEST_R2_BELOW:
+            return None
+        parent = best or self._default_parent()
+        if parent is None or parent.status not in FINISHED:
+            return None
+        template = self._template_at(parent.id, self._excluded_templates())
+        if template is None:
+            return None
+        return Plan(
+            7, Strategy.CODE_CHANGE, parent.id, f"Node {parent.id} (best R2 of the block)",
+            f"Code-change gate open: the block's best R2 stayed poor (below "
+            f"{CODE_GATE_BEST_R2_BELOW}) over {since} runs, the block is past iteration "
+            f"{CODE_GATE_PAST_ITERATION}, and '{template.name}' is untried and applies at node "
+            f"{parent.id}.", template.hypothesis, template=template)
+
+    # row 8
+    def explore_stagnation(self) -> Plan | None:
+        h = self.history
+        ran = h.ran_block_nodes()
+        if len(ran) <= NO_IMPROVEMENT_ITERATIONS:
+            return None
+        scores = [n.r2 if n.status == "done" else 0.0 for n in ran]
+        best_index = scores.index(max(scores))
+        if len(ran) - 1 - best_index < NO_IMPROVEMENT_ITERATIONS:
+            return None
+        chain = {n.id for n in h.lineage(h.block_nodes[-1].id)}
+        candidates = [n for n in h.candidates() if n.status == "done"]
+        off_chain = [n for n in candidates if n.id not in chain]
+        pool = off_chain or [n for n in candidates if n.id != h.block_nodes[-1].id]
+        if not pool:
+            return None
+        # a mid-scored node: the best one was exploited already
+        ordered = pool[len(pool) // 2:] + pool[:len(pool) // 2]
+        for parent in ordered:
+            step = self._one_step(parent.id, self._preferring(
+                k for k in h.keys if k not in h.keys_tried_at(parent.id)))
+            if step is not None:
+                where = "off the recent chain" if parent in off_chain else "mid-scored"
+                return self._key_plan(
+                    8, Strategy.EXPLORE, parent.id, f"Node {parent.id} ({where})",
+                    f"The block's best R2 (node {ran[best_index].id}) has not improved for "
+                    f"{len(ran) - 1 - best_index} iterations: explore from another branch, on "
+                    "a key untried there.", step)
+        return None
+
+    # row 9
+    def retest(self) -> Plan | None:
+        h = self.history
+        if len(h.block_nodes) < RETEST_MIN_BLOCK_NODES:
+            return None
+        for node in sorted(h.candidates(), key=lambda n: (-n.r2, n.id)):
+            if node.status != "done" or node.r2 < GOOD_R2 or node.strategy == Strategy.RETEST:
+                continue
+            if any(set(c.config_changes) == {SEED_KEY} for c in h.children.get(node.id, [])):
+                continue
+            return self._seed_plan(
+                9, Strategy.RETEST, node, f"Node {node.id} (good, never re-run)",
+                f"Node {node.id} is {quality_word(node.r2)} and was never re-run, and the block "
+                f"has {len(h.block_nodes)} nodes: re-test it with another training seed.")
+        return None
+
+    # row 10
+    def recombine(self) -> Plan | None:
+        h = self.history
+        good = sorted((n for n in h.candidates() if n.status == "done" and n.r2 >= GOOD_R2),
+                      key=lambda n: (-n.r2, n.id))
+        for better in good:
+            for other in good:
+                if other.id == better.id or h.is_ancestor(other, better) \
+                        or h.is_ancestor(better, other):
+                    continue
+                common = h.common_ancestor(better, other)
+                changes = {k: h.value(other.id, k) for k in h.keys
+                           if not same_value(h.value(common, k), h.value(other.id, k))
+                           and same_value(h.value(common, k), h.value(better.id, k))}
+                if h.taken(better.id, changes):
+                    continue
+                keys = ", ".join(changes)
+                return Plan(
+                    10, Strategy.RECOMBINE, better.id,
+                    f"Nodes {better.id} + {other.id} (recombine)",
+                    f"Nodes {better.id} and {other.id} are both good and in different branches: "
+                    f"give the better one the {keys} the other's branch changed.",
+                    f"Node {other.id}'s {keys} add to node {better.id}'s gains: the child beats "
+                    "both.", changes)
+        return None
+
+    # row 11
+    def exploit(self) -> Plan:
+        h = self.history
+        candidates = h.candidates()
+        for rank, parent in enumerate(candidates):
+            rule = (f"Node {parent.id} (highest score)" if rank == 0 else
+                    f"Node {parent.id} (next by score: node {candidates[0].id} has no new step)")
+            helping = self._helping_key(parent)
+            if helping is not None:
+                key, direction, helper = helping
+                step = self._one_step(parent.id, [key], [direction])
+                if step is not None:
+                    way = "up" if direction > 0 else "down"
+                    return self._key_plan(
+                        11, Strategy.EXPLOIT, parent.id, rule,
+                        f"No earlier row matched: step {key} {way} again, the way it helped at "
+                        f"node {helper.id}.", step)
+            step = self._one_step(parent.id, self._shuffled(h.keys))
+            if step is not None:
+                return self._key_plan(11, Strategy.EXPLOIT, parent.id, rule,
+                                      "No earlier row matched and no key has helped along this "
+                                      "lineage yet: step a random key.", step)
+        parent = candidates[0] if candidates else None
+        if parent is None:  # nothing finished and every root step taken: a fresh seed at root
+            seed = h.value(None, SEED_KEY)
+            seed = int(seed) + 1 if isinstance(seed, int) else 1
+            while h.taken(None, {SEED_KEY: seed}):
+                seed += 1
+            return Plan(11, Strategy.RETEST, None, "Root (every step taken)",
+                        "Every one-key step from the base config is taken: re-run it with a "
+                        "new seed.", "A new training seed changes R2 by less than "
+                        f"+-{ROBUST_R2_BAND}.", {SEED_KEY: seed})
+        return self._seed_plan(11, Strategy.RETEST, parent, f"Node {parent.id} (highest score)",
+                               "Every one-key step from every candidate is taken: re-test the "
+                               "best one with another seed.")
+
+    def _helping_key(self, parent: NodeSummary) -> tuple[str, int, NodeSummary] | None:
+        """The key whose change last helped along `parent`'s lineage, and which way."""
+        h = self.history
+        for node in h.lineage(parent.id):
+            key = h.single_key(node)
+            if key is None or key not in h.space or not h.is_success(node):
+                continue
+            direction = direction_of(h.space[key], h.value(node.parent_id, key),
+                                     h.value(node.id, key))
+            if direction:
+                return key, direction, node
+        return None
+
+
+# -- hypotheses ----------------------------------------------------------------------------
+
+KEY_HYPOTHESES: dict[tuple[str, int], str] = {
+    ("training.learning_rate", 1): "A larger learning rate lets the fixed training steps reach "
+    "the sharp material jumps, so R2 rises over the parent's.",
+    ("training.learning_rate", -1): "A smaller learning rate steadies the sine layers' training, "
+    "so R2 rises over the parent's.",
+    ("training.frames_per_batch", 1): "More frames per batch give each step a smoother gradient "
+    "over time, so R2 rises over the parent's.",
+    ("training.frames_per_batch", -1): "Fewer frames per batch add gradient noise that helps "
+    "escape the flat start, so R2 rises over the parent's.",
+    ("model.hidden_dim", 1): "A wider network has the capacity for the jumps between materials, "
+    "so R2 rises over the parent's.",
+    ("model.hidden_dim", -1): "A narrower network fits as well with fewer parameters: R2 stays "
+    "within 0.02 of the parent's.",
+    ("model.n_layers", 1): "One more sine layer composes finer detail at the material "
+    "boundaries, so R2 rises over the parent's.",
+    ("model.n_layers", -1): "One sine layer fewer trains further in the fixed steps, so R2 rises "
+    "over the parent's.",
+    ("model.omega_0", 1): "A higher omega_0 resolves finer detail at the material boundaries, so "
+    "R2 rises over the parent's.",
+    ("model.omega_0", -1): "A lower omega_0 smooths the fit and steadies training, so R2 rises "
+    "over the parent's.",
+}
+
+
+def key_hypothesis(history: History, key: str, old: Any, new: Any) -> str:
+    spec = history.space.get(key)
+    direction = direction_of(spec, old, new) if spec is not None else 0
+    known = KEY_HYPOTHESES.get((key, direction))
+    if known is not None:
+        return known
+    way = "Raising" if direction > 0 else "Lowering"
+    return (f"{way} {key} from {format_number(old)} to {format_number(new)} moves R2 by more "
+            f"than the +-{ROBUST_R2_BAND} seed noise versus the parent.")
+
+
+# -- wording: the proposal's prose and memory ----------------------------------------------
+
+
+def mutation_text(history: History, plan: Plan) -> str:
+    """`key: old -> new` in the original's number style, or `[code] name`."""
+    if plan.template is not None:
+        return plan.template.mutation
+    if not plan.changes:
+        return "none"
+    return "; ".join(
+        f"{key}: {format_number(history.value(plan.parent_id, key))} -> {format_number(value)}"
+        for key, value in plan.changes.items()
+    )
+
+
+def latest_node(history: History) -> NodeSummary | None:
+    ran = [n for n in history.context.nodes if n.status not in NOT_RUN]
+    return max(ran, key=lambda n: n.id) if ran else None
+
+
+def _biased(node: NodeSummary) -> bool:
+    """A slope far from 1: the fit under- or over-shoots the amplitudes."""
+    slope = node.metrics.get("slope")
+    return _is_number(slope) and math.isfinite(slope) and abs(slope - 1) > SLOPE_BIAS_BAND
+
+
+def describe_latest(history: History) -> str:
+    """1-2 sentences on the latest result against its parent, in quality words, no numbers."""
+    node = latest_node(history)
+    if node is None:
+        return "No node has finished yet."
+    what = node.mutation if node.mutation not in ("", "none") else "the config as given"
+    if node.status == "failed":
+        return f"Node {node.id} ({what}) failed to run; nothing builds on it."
+    parent = history.parent(node)
+    if node.status == "diverged":
+        origin = f"from node {parent.id}" if parent is not None else "from the base config"
+        return (f"Node {node.id} ({what}) diverged: it scores as 0 and that change is a dead "
+                f"end {origin}.")
+    quality = quality_word(node.r2)
+    if parent is None or parent.status != "done":
+        text = (f"Node {node.id} ({what}) is {quality}; it is the reference the next changes "
+                "are measured against.")
+    else:
+        parent_quality = quality_word(parent.r2)
+        delta = node.r2 - parent.r2
+        if abs(delta) <= LEVEL_R2_BAND:
+            verdict, reading = "level with", "the change made no real difference"
+        elif delta > 0:
+            verdict, reading = "better than", "the change helped"
+        else:
+            verdict, reading = "worse than", "the change hurt"
+        text = (f"Node {node.id} ({what}) is {quality}, {verdict} its parent {parent.id} "
+                f"({parent_quality}): {reading}.")
+    if _biased(node) and (parent is None or not _biased(parent)):
+        shot = "under" if node.metrics["slope"] < 1 else "over"
+        text += f" Its slope is far from 1, so the fit is biased (amplitudes {shot}-shot)."
+    return text
+
+
+def word(history: History, plan: Plan, rejected: Sequence[tuple[Plan, str]]) -> AgentReply:
+    """The plan as a Proposal with the prose an LLM would write, plus the reasoning text."""
+    context = history.context
+    mutation = mutation_text(history, plan)
+    analysis = describe_latest(history)
+    if plan.note:
+        analysis += " " + plan.note
+    rejected_notes = tuple(
+        f"{mutation_text(history, p)} from node {p.parent_id}: rejected by a human "
+        f"({_one_line(reason, 160) or 'no reason given'})" for p, reason in rejected
+    )
+    memory = compose_memory(history, plan, mutation, plan.do_not_retry + rejected_notes)
+    template = plan.template
+    proposal = Proposal(
+        parent_id=plan.parent_id,
+        strategy=plan.strategy,
+        config_changes=dict(plan.changes),
+        edits=template.edits if template is not None else (),
+        code_change=template.code_change if template is not None else None,
+        mutation=mutation,
+        parent_rule=plan.parent_rule,
+        hypothesis=plan.hypothesis,
+        analysis=analysis,
+        memory=memory,
+    )
+    attempt = context.repair.attempt if context.repair is not None else 0
+    lines = [
+        f"Row {plan.row} ({plan.strategy.value}) matched: {plan.why}",
+        f"Parent: {plan.parent_rule}.",
+        f"Change: {mutation}.",
+        f"Hypothesis: {plan.hypothesis}",
+    ]
+    if rejected:
+        lines.append(f"Avoiding what a human rejected this iteration: "
+                     f"{'; '.join(mutation_text(history, p) for p, _ in rejected)}.")
+    lines.append(f"Deterministic: seed {history.config.exploration.seed}, iteration "
+                 f"{context.iteration}, attempt {attempt}, rejections {len(context.rejections)}.")
+    return AgentReply(proposal=proposal, reasoning="\n".join(lines))
+
+
+# -- memory.md -----------------------------------------------------------------------------
+
+_HEADING = re.compile(r"^(#{1,3})\s+(.*?)\s*$")
+_ITERATION_LINE = re.compile(r"^- Node (\d+) \(.*-> pending$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+# The protocol's skeleton: (level, title); bodies are ours.
+SKELETON: tuple[tuple[int, str], ...] = (
+    (1, "Working memory"),
+    (2, "Knowledge Base"),
+    (3, "Regime table"),
+    (3, "Established principles"),
+    (3, "Do not retry"),
+    (3, "Open questions"),
+    (2, "Previous Block Summary"),
+    (2, "Current Block"),
+    (3, "Info"),
+    (3, "Hypothesis"),
+    (3, "Iterations"),
+    (3, "Observations"),
+)
+REGIME_HEADER = (
+    "| Block | Field | n_frames | Best R2 (node) | Best config | Verdict |",
+    "|-------|-------|----------|----------------|-------------|---------|",
+)
+_KNOWLEDGE = ("regime table", "established principles", "do not retry", "open questions")
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(_CONTROL.sub(" ", text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _title_key(title: str) -> str:
+    """`Established principles (each with ...)` -> `established principles`."""
+    return re.sub(r"\(.*?\)", "", title).strip().lower()
+
+
+@dataclass
+class MemorySection:
+    level: int
+    title: str
+    body: list[str]
+
+
+def parse_memory(text: str) -> list[MemorySection]:
+    """memory.md split at its level 1-3 headings (headings inside code fences are text)."""
+    sections: list[MemorySection] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        match = None if fenced else _HEADING.match(line)
+        if match:
+            sections.append(MemorySection(len(match.group(1)), match.group(2), []))
+        elif sections:
+            sections[-1].body.append(line.rstrip())
+    for section in sections:
+        while section.body and not section.body[0].strip():
+            section.body.pop(0)
+        while section.body and not section.body[-1].strip():
+            section.body.pop()
+    return sections
+
+
+def memory_section(text: str, title: str) -> str:
+    """The body of the section called `title` in a memory text ('' when absent)."""
+    wanted = _title_key(title)
+    return "\n".join(line for s in parse_memory(text) if _title_key(s.title) == wanted
+                     for line in s.body)
+
+
+class Memory:
+    """memory.md as the skeleton's sections plus any extra ones a human or agent added."""
+
+    def __init__(self, text: str) -> None:
+        self.bodies: dict[str, list[str]] = {_title_key(t): [] for _, t in SKELETON}
+        self.extra: dict[str, list[MemorySection]] = {"knowledge base": [], "end": []}
+        parent = "end"
+        known = set(self.bodies)
+        for section in parse_memory(text):
+            key = _title_key(section.title)
+            if key in known:
+                self.bodies[key] = list(section.body)
+                if section.level <= 2:
+                    parent = key if key == "knowledge base" else "end"
+            else:
+                self.extra["knowledge base" if parent == "knowledge base" and section.level == 3
+                           else "end"].append(section)
+                if section.level <= 2:
+                    parent = "end"
+        table = [line for line in self.bodies["regime table"] if line.strip()]
+        rows = [line for line in table if line not in REGIME_HEADER]
+        self.bodies["regime table"] = list(REGIME_HEADER) + rows
+
+    def add_unique(self, key: str, lines: Iterable[str]) -> None:
+        body = self.bodies[key]
+        for line in lines:
+            if line not in body:
+                body.append(line)
+
+    def cap(self) -> None:
+        """Drop the oldest lines of the long-running lists, then anything over the cap."""
+        caps = {"iterations": ITERATION_LINES_CAP, "observations": OBSERVATION_LINES_CAP,
+                "previous block summary": SUMMARY_LINES_CAP, "established principles":
+                LIST_SECTION_CAP, "do not retry": LIST_SECTION_CAP,
+                "open questions": LIST_SECTION_CAP}
+        for key, limit in caps.items():
+            self.bodies[key] = self.bodies[key][-limit:]
+        rows = self.bodies["regime table"][len(REGIME_HEADER):]
+        self.bodies["regime table"] = list(REGIME_HEADER) + rows[-LIST_SECTION_CAP:]
+        while len(self.render().splitlines()) > MEMORY_MAX_LINES:
+            extras = [s for group in self.extra.values() for s in group if s.body]
+            if extras:
+                max(extras, key=lambda s: len(s.body)).body.pop(0)
+                continue
+            longest = max((k for k in self.bodies if k != "regime table"),
+                          key=lambda k: len(self.bodies[k]))
+            if not self.bodies[longest]:
+                break
+            self.bodies[longest].pop(0)
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def emit(level: int, title: str, body: list[str]) -> None:
+            out.append(f"{'#' * level} {title}")
+            out.extend(body)
+            out.append("")
+
+        for level, title in SKELETON:
+            key = _title_key(title)
+            if key == "previous block summary":
+                for section in self.extra["knowledge base"]:
+                    emit(section.level, section.title, section.body)
+            emit(level, title, self.bodies[key] if level > 1 else [])
+        for section in self.extra["end"]:
+            emit(section.level, section.title, section.body)
+        return "\n".join(out).rstrip() + "\n"
+
+
+def _config_summary(history: History, node: NodeSummary) -> str:
+    return ", ".join(f"{key.rsplit('.', 1)[-1]}={format_number(history.value(node.id, key))}"
+                     for key in history.keys)
+
+
+def _status_word(node: NodeSummary) -> str:
+    return quality_word(node.r2) if node.status == "done" else node.status
+
+
+LAST_PROPOSAL = "- Last proposal of the block: node "
+
+
+def _ran_in_block(history: History, block: int) -> list[NodeSummary]:
+    return sorted((n for n in history.context.nodes if n.block == block and n.status
+                   not in NOT_RUN), key=lambda n: n.id)
+
+
+def has_regime_row(memory: Memory, block: int) -> bool:
+    return any(row.startswith(f"| {block} |") for row in memory.bodies["regime table"])
+
+
+def set_regime_row(history: History, memory: Memory, block: int) -> None:
+    """The regime table's row for `block`, from the nodes of that block that have run."""
+    best = history.best_done(_ran_in_block(history, block))
+    field_name, n_frames = history.regime(best.id if best is not None else None)
+    if best is not None:
+        row = (f"| {block} | {field_name} | {n_frames} | {best.r2:.3f} ({best.id}) | "
+               f"{_config_summary(history, best)} | {quality_word(best.r2)} |")
+    else:
+        row = f"| {block} | {field_name} | {n_frames} | - | - | failed |"
+    rows = memory.bodies["regime table"]
+    index = next((i for i, r in enumerate(rows) if r.startswith(f"| {block} |")), None)
+    if index is None:
+        rows.append(row)
+    else:
+        rows[index] = row
+
+
+def settle_last_proposal(history: History, memory: Memory, block: int) -> None:
+    """Next block's start: the previous block's last run has a result now; record it."""
+    set_regime_row(history, memory, block)
+    summary = memory.bodies["previous block summary"]
+    for index, line in enumerate(summary):
+        match = re.match(re.escape(LAST_PROPOSAL) + r"(\d+)", line)
+        node = history.by_id.get(int(match.group(1))) if match else None
+        if node is not None and node.status not in NOT_RUN:
+            summary[index] = (f"- Last run of the block: node {node.id}, "
+                              f"{node.mutation or 'no change'} ({_status_word(node)}).")
+
+
+def compress_block(history: History, memory: Memory, block: int,
+                   last_proposal: tuple[int, str] | None = None) -> None:
+    """Block end: regime row, principles, open questions, summary; Current Block cleared."""
+    nodes = _ran_in_block(history, block)
+    best = history.best_done(nodes)
+    field_name, n_frames = history.regime(best.id if best is not None else None)
+    set_regime_row(history, memory, block)
+
+    effects: dict[tuple[str, int, bool], list[int]] = {}
+    worked: list[tuple[float, NodeSummary]] = []
+    for node in nodes:
+        key = history.single_key(node)
+        parent = history.parent(node)
+        if parent is None or parent.status != "done" or node.status != "done":
+            continue
+        delta = node.r2 - parent.r2
+        worked.append((delta, node))
+        if key is None or key not in history.space or abs(delta) <= LEVEL_R2_BAND:
+            continue
+        direction = direction_of(history.space[key], history.value(parent.id, key),
+                                 history.value(node.id, key))
+        if direction:
+            effects.setdefault((key, direction, delta > 0), []).append(node.id)
+    principles = []
+    for (key, direction, helped), ids in sorted(effects.items()):
+        if len(ids) >= 2:
+            way = "Raising" if direction > 0 else "Lowering"
+            verb = "helped" if helped else "hurt"
+            principles.append(f"- {way} {key} {verb} in block {block} "
+                              f"(nodes {', '.join(map(str, ids))})")
+    memory.add_unique("established principles", principles)
+    if best is not None:
+        questions = [f"- Does block {block}'s best config (node {best.id}) keep its lead on "
+                     "another field or n_frames?"]
+        if not any(set(c.config_changes) == {SEED_KEY}
+                   for c in history.children.get(best.id, [])):
+            questions.append(f"- Is node {best.id}'s result robust to the training seed?")
+        memory.add_unique("open questions", questions)
+
+    strategies: dict[str, int] = {}
+    for node in nodes:
+        strategies[node.strategy or "unknown"] = strategies.get(node.strategy or "unknown", 0) + 1
+    worked.sort(key=lambda item: (-item[0], item[1].id))
+    summary = [
+        f"Block {block} (field {field_name}, n_frames {n_frames}): {len(nodes)} runs; best "
+        + (f"node {best.id} ({quality_word(best.r2)}, R2 {best.r2:.3f})." if best is not None
+           else "none (every run failed)."),
+        "Strategies: " + ", ".join(f"{name} {count}" for name, count in sorted(strategies.items()))
+        + ".",
+    ]
+    helped = [f"- Worked: node {n.id}, {n.mutation or 'no change'} "
+              f"({_status_word(history.parent(n))} -> {_status_word(n)})"
+              for delta, n in worked if delta > LEVEL_R2_BAND][:4]
+    hurt = [f"- Did not work: node {n.id}, {n.mutation or 'no change'} "
+            f"({_status_word(history.parent(n))} -> {_status_word(n)})"
+            for delta, n in reversed(worked) if delta < -LEVEL_R2_BAND][:4]
+    failed = [n for n in nodes if n.status in ("failed", "diverged")]
+    code = [n for n in nodes if n.code_changed]
+    summary += helped or ["- Worked: no change beat its parent."]
+    summary += hurt or ["- Did not work: no change fell below its parent."]
+    summary.append("- Failed or diverged: " + (", ".join(
+        f"node {n.id} ({n.mutation or 'no change'})" for n in failed[:3]) or "none") + ".")
+    summary.append("- Code changes: " + (", ".join(
+        f"node {n.id} {n.mutation} ({_status_word(n)})" for n in code[:3]) or "none") + ".")
+    if last_proposal is not None:
+        summary.append(f"{LAST_PROPOSAL}{last_proposal[0]}, {last_proposal[1]} (its result "
+                       f"opens block {block + 1}).")
+    memory.bodies["previous block summary"] = summary[:SUMMARY_LINES_CAP]
+    next_from = f" from node {best.id} with its config" if best is not None else ""
+    memory.bodies["info"] = [
+        f"Next: block {block + 1}, same regime (field {field_name}, n_frames {n_frames})"
+        f"{next_from}, so results stay comparable."
+    ]
+    for key in ("hypothesis", "iterations", "observations"):
+        memory.bodies[key] = []
+
+
+def compose_memory(history: History, plan: Plan, mutation: str,
+                   do_not_retry: Sequence[str]) -> str:
+    """The whole new memory.md: the Knowledge Base kept, this iteration's line appended, the
+    block compressed at its end."""
+    context = history.context
+    memory = Memory(context.memory)
+    previous = context.block - 1
+    if context.iteration_in_block == 1 and previous >= 1:
+        if has_regime_row(memory, previous):
+            settle_last_proposal(history, memory, previous)
+        else:  # the last block's end was never compressed (skipped or rejected)
+            compress_block(history, memory, previous)
+    memory.add_unique("do not retry", (f"- {_one_line(note, 300)}" for note in do_not_retry))
+
+    lines = []
+    for line in memory.bodies["iterations"]:
+        match = _ITERATION_LINE.match(line)
+        node = history.by_id.get(int(match.group(1))) if match else None
+        if node is not None and node.status not in NOT_RUN:
+            line = line[: -len("pending")] + _status_word(node)
+        lines.append(line)
+    parent = f"parent {plan.parent_id}" if plan.parent_id is not None else "root"
+    lines.append(f"- Node {context.iteration} ({parent}): {mutation} [{plan.strategy.value}] "
+                 "-> pending")
+    memory.bodies["iterations"] = lines
+
+    latest = latest_node(history)
+    observations = []
+    if latest is not None and latest.status in ("failed", "diverged"):
+        observations.append(f"- Node {latest.id} {latest.status} ({latest.mutation or 'no change'}"
+                            "); do not build on it.")
+    elif latest is not None and latest.block == context.block and latest.status == "done":
+        best = history.best_done(history.block_nodes)
+        if best is not None and best.id == latest.id and len(history.ran_block_nodes()) > 1:
+            observations.append(f"- Node {latest.id} is the block's best so far "
+                                f"({quality_word(latest.r2)}): {latest.mutation or 'no change'}.")
+    memory.add_unique("observations", observations)
+
+    field_name, n_frames = history.regime(plan.parent_id)
+    memory.bodies["info"] = [
+        f"Block {context.block}, regime: field {field_name}, n_frames {n_frames}.",
+        f"Iteration {context.iteration_in_block} of {context.block_size} in this block "
+        f"(run iteration {context.iteration}).",
+    ]
+    memory.bodies["hypothesis"] = [plan.hypothesis]
+    if context.block_end:
+        compress_block(history, memory, context.block, (context.iteration, mutation))
+    memory.cap()
+    return memory.render()
