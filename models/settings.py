@@ -1,0 +1,146 @@
+"""The experiment's config schema: the description, dataset, simulation, model and training
+sections. Trusted code; imports neither torch nor numpy, so `harness --check` stays fast.
+
+`exploration` belongs to the supervisor and is accepted here as an opaque mapping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(ge=1)]
+FieldName = Literal["Jp", "F", "S", "C"]
+MaterialName = Literal["liquid", "jelly", "snow"]
+
+# Output channels of each field the network can learn.
+FIELD_CHANNELS: dict[str, int] = {"Jp": 1, "F": 4, "S": 4, "C": 4}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DatasetSettings(_Section):
+    """Which field the network learns and on how many stored frames."""
+
+    field: FieldName = "Jp"
+    n_frames: Annotated[int, Field(ge=2)] = 24
+
+
+class SimulationSettings(_Section):
+    """The MPM run that generates the data; the data cache is keyed by this section."""
+
+    seed: int = 0
+    n_grid: Annotated[int, Field(ge=16, le=1024)] = 64
+    particles_per_disc: PositiveInt = 1000
+    materials: Annotated[list[MaterialName], Field(min_length=1, max_length=8)] = [
+        "liquid",
+        "jelly",
+        "snow",
+    ]
+    disc_radius: Annotated[float, Field(gt=0, le=0.25)] = 0.1
+    drop_height: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    drop_speed: Annotated[float, Field(ge=0, le=20, allow_inf_nan=False)] = 0.0
+    dt: Positive = 1e-4
+    substeps_per_frame: PositiveInt = 40
+    n_frames: Annotated[int, Field(ge=2)] = 48
+    gravity: Annotated[float, Field(allow_inf_nan=False)] = 20.0
+    youngs_modulus: Positive = 1000.0
+    poisson_ratio: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+
+    @model_validator(mode="after")
+    def _discs_fit_the_box(self) -> SimulationSettings:
+        # discs sit side by side in a row, clear of the walls' boundary cells
+        width = 1.0 - 8.0 / self.n_grid
+        if 2 * self.disc_radius * len(self.materials) > width:
+            raise ValueError(
+                f"{len(self.materials)} discs of radius {self.disc_radius} do not fit side by "
+                f"side in the box (at most {width / (2 * len(self.materials)):.3f})"
+            )
+        if self.drop_height + self.disc_radius + 0.15 > 1.0 - 4.0 / self.n_grid:
+            raise ValueError("drop_height + disc_radius leaves the discs above the box's top")
+        if self.drop_height - self.disc_radius < 4.0 / self.n_grid:
+            raise ValueError("drop_height - disc_radius puts the discs into the floor")
+        return self
+
+
+class ModelSettings(_Section):
+    """The SIREN (models/siren.py)."""
+
+    hidden_dim: PositiveInt = 64
+    n_layers: PositiveInt = 3
+    omega_0: Positive = 30.0
+    learnable_omega: bool = False
+
+
+class TrainingSettings(_Section):
+    """The training loop (models/trainer.py)."""
+
+    steps: PositiveInt = 1000
+    learning_rate: Positive = 1e-4
+    frames_per_batch: PositiveInt = 4
+    seed: int = 0
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")] = "auto"
+    log_every: PositiveInt = 100
+
+
+class ExperimentSettings(_Section):
+    """A whole config file as the experiment sees it."""
+
+    description: str = ""
+    dataset: DatasetSettings = DatasetSettings()
+    simulation: SimulationSettings = SimulationSettings()
+    model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
+    exploration: dict[str, Any] | None = None  # the supervisor's section, not ours to check
+
+    @model_validator(mode="after")
+    def _enough_stored_frames(self) -> ExperimentSettings:
+        if self.dataset.n_frames > self.simulation.n_frames:
+            raise ValueError(
+                f"dataset.n_frames ({self.dataset.n_frames}) exceeds the "
+                f"{self.simulation.n_frames} frames the simulation stores"
+            )
+        return self
+
+
+class SettingsError(Exception):
+    """A config the experiment cannot run; `errors` holds (loc, msg) pairs."""
+
+    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.errors = errors
+        super().__init__(
+            "; ".join(f"{'.'.join(map(str, loc)) or 'config'}: {msg}" for loc, msg in errors)
+        )
+
+
+def validate_settings(data: Any) -> ExperimentSettings:
+    """Validate a parsed config mapping; raises SettingsError naming every bad key."""
+    if not isinstance(data, dict):
+        raise SettingsError([((), "the top level must be a mapping of sections")])
+    try:
+        return ExperimentSettings.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors():
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            errors.append((tuple(error["loc"]), message.removeprefix("Value error, ")))
+        raise SettingsError(errors) from None
+
+
+def load_settings(path: str | Path) -> ExperimentSettings:
+    """Read a YAML config (yaml.safe_load) and validate its experiment sections."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError([((), f"cannot read {path}: {exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError([((), f"not valid YAML: {exc}")]) from None
+    return validate_settings(data)
