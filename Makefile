@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/multimaterial_1_discs_3types.yaml
 ARGS ?=
 
-.PHONY: run test lint bench clean-venv
+.PHONY: run train test bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
+	$(BIN)/proctor run $(CONFIG) $(ARGS)
+
+train: $(VENV)/.installed
 	$(BIN)/proctor train $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed
@@ -26,6 +29,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(VENV)/.installed
+	$(BIN)/python bench/runner_overhead.py
+	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/train_throughput.py
 
 clean-venv:

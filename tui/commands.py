@@ -35,6 +35,8 @@ def _load(config_path: Path) -> tuple[ExperimentConfig, Path]:
 
 def _format_metric(name: str, value: object) -> str:
     if isinstance(value, float):
+        if name == "total_params" and value.is_integer():
+            return f"{int(value):,}"
         if not math.isfinite(value):
             return str(value)
         if name == "final_mse":
