@@ -125,4 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main so UsageError is the same class the commands raise.
+    from tui.cli import main as module_main
+
+    sys.exit(module_main())
