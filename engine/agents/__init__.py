@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from engine.agents.base import Agent
 from engine.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from engine.journal import Journal
 
 
 class AgentUnavailable(ValueError):
@@ -17,14 +21,19 @@ def default_agent_name() -> str:
     return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "heuristic"
 
 
-def make_agent(name: str, config: ExperimentConfig) -> Agent:
-    """Build the named agent for a run of `config`."""
+def make_agent(name: str, config: ExperimentConfig, journal: Journal | None = None) -> Agent:
+    """Build the named agent for a run of `config`; `journal` (the run's) lets the Claude
+    agent store its exchanges and spend (the heuristic ignores it)."""
     if name == "heuristic":
         from engine.agents.heuristic import HeuristicAgent
 
         return HeuristicAgent(config)
     if name == "anthropic":
-        raise AgentUnavailable(
-            "the anthropic agent is not built yet; use --agent heuristic"
-        )
+        from engine.agents.anthropic import AnthropicAgent
+        from engine.apikey import ApiKeyError
+
+        try:
+            return AnthropicAgent(config, journal)
+        except ApiKeyError as exc:
+            raise AgentUnavailable(str(exc)) from None
     raise AgentUnavailable(f"unknown agent '{name}' (heuristic or anthropic)")

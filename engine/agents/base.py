@@ -61,6 +61,7 @@ class AgentContext:
     rejections: tuple[str, ...] = ()
     repair: Repair | None = None
     read_file: Callable[[int | None, str], str] = field(default=lambda node, path: "")
+    attempt: int | None = None  # the loop's attempt number for this iteration, when it knows it
 
     def node(self, node_id: int) -> NodeSummary:
         return next(n for n in self.nodes if n.id == node_id)
@@ -71,6 +72,25 @@ class AgentReply:
     proposal: Proposal
     reasoning: str
     cost_usd: float = 0.0
+
+
+class AgentPaused(Exception):
+    """The agent cannot go on until a human acts (spend limit, budget cap, refused key): the
+    loop pauses the run durably with `reason` and waits for a resume."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AgentGaveUp(Exception):
+    """The agent got no usable proposal within its bounded re-asks: the loop skips the
+    iteration. `raw` is the last raw answer (also stored in the journal)."""
+
+    def __init__(self, reason: str, raw: Any = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
 
 
 class Agent(Protocol):
