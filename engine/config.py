@@ -77,6 +77,82 @@ class Limits(_Strict):
     log_mb: float = 20.0
 
 
+class Prices(_Strict):
+    """US dollars per million tokens: Claude Sonnet 5.5's list price (5-minute cache writes;
+    cache reads at the higher published figure so the budget cap errs on the safe side).
+    Override them for another model."""
+
+    input: float = 2.0
+    output: float = 10.0
+    cache_read: float = 0.20
+    cache_write: float = 2.50
+
+    @field_validator("input", "output", "cache_read", "cache_write")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be a finite price of 0 or more")
+        return value
+
+
+class AnthropicSettings(_Strict):
+    """The Claude agent: model, limits, endpoint, key file, budget and prices."""
+
+    model: str = "claude-sonnet-5-5"
+    max_tokens: int = 32000
+    temperature: float | None = None  # None: not sent (newer models refuse sampling settings)
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    max_turns: int = 8  # requests in one proposal, tool rounds and re-asks included
+    max_reasks: int = 2  # malformed answers answered with a correction before giving up
+    base_url: str | None = None  # None: the SDK's default (or ANTHROPIC_BASE_URL)
+    key_file: str | None = None  # used when ANTHROPIC_API_KEY is unset; must be mode 0600
+    budget_usd: float | None = None  # the run pauses once its spend reaches this
+    request_timeout_s: float = 600.0
+    max_retries: int = 4  # the SDK's own retries of 408/409/429/5xx/connection errors
+    retry_backoff_s: float = 0.5  # first SDK retry delay when the API gives no retry-after
+    retry_backoff_max_s: float = 30.0
+    stream_retries: int = 3  # whole-request retries for errors arriving mid-stream
+    stream_retry_backoff_s: float = 2.0  # first wait before such a retry (doubles, jittered)
+    prices: Prices = Prices()
+
+    @field_validator("max_tokens", "max_turns")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("max_reasks", "max_retries", "stream_retries")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator(
+        "request_timeout_s", "retry_backoff_s", "retry_backoff_max_s", "stream_retry_backoff_s"
+    )
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be a positive number of seconds")
+        return value
+
+    @field_validator("budget_usd")
+    @classmethod
+    def _budget(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise ValueError("must be a finite amount of 0 or more")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
 class Exploration(_Strict):
     """How proctor drives the experiment; the other sections belong to the experiment itself."""
 
@@ -92,12 +168,16 @@ class Exploration(_Strict):
     parallel: int = 1
     runner: Literal["zygote", "subprocess"] = "zygote"
     repair_attempts: int = 2
+    # uncommitted changes to editable files at run start: refuse (with instructions) or
+    # adopt them as a first "pre-existing changes" node
+    dirty: Literal["adopt", "refuse"] = "refuse"
     harness: str = "models.harness"
     instructions: str = "instructions/instruction_multimaterial_1_discs_3types.md"
     editable_files: list[str] = ["models/siren.py", "models/trainer.py"]
     search_space: dict[str, ParamRange] = {}
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    anthropic: AnthropicSettings = AnthropicSettings()
 
     @field_validator("iterations", "block_size", "parallel")
     @classmethod

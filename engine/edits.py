@@ -7,17 +7,20 @@ planted on a whitelisted path is refused, never followed."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
+from engine.atomic import write_atomic
 from engine.proposal import CodeEdit
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_EDIT_BYTES = 64 * 1024
 PARSE_TIMEOUT_S = 10.0
+PARSE_MEMORY_BYTES = 2 * 1024**3
 
 
 class EditError(ValueError):
@@ -81,23 +84,53 @@ def _did_you_mean(text: str, search: str) -> str:
     return " Did you mean:\n" + "\n".join(quoted)
 
 
-def check_parses(path: str, text: str) -> None:
-    """Parse `text` in a separate process so a pathological file cannot hurt the engine."""
-    if not path.endswith(".py"):
+# The child limits its own memory (no preexec_fn: the engine has threads) so a
+# pathological file cannot take the machine's memory with it.
+_PARSE_SCRIPT = f"""
+import ast, json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({PARSE_MEMORY_BYTES}, {PARSE_MEMORY_BYTES}))
+for path, text in json.load(sys.stdin).items():
+    try:
+        ast.parse(text, path)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        line = getattr(exc, "lineno", None)
+        where = f"{{path}}, line {{line}}" if line else path
+        detail = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+        sys.stderr.write(f"{{where}}: {{type(exc).__name__}}: {{detail}}\\n")
+        text_line = getattr(exc, "text", None)
+        if text_line:
+            sys.stderr.write("    " + text_line.rstrip() + "\\n")
+        sys.exit(1)
+"""
+
+
+def _occurrence_lines(text: str, search: str, limit: int = 5) -> str:
+    lines, start = [], 0
+    while len(lines) < limit and (found := text.find(search, start)) >= 0:
+        lines.append(str(text.count("\n", 0, found) + 1))
+        start = found + 1
+    return ", ".join(lines)
+
+
+def check_parses(files: Mapping[str, str]) -> None:
+    """Parse the Python files among `files` in one separate, time- and memory-limited process
+    so a pathological file cannot hurt the engine; EditError naming the file and line."""
+    python = {path: text for path, text in files.items() if path.endswith(".py")}
+    if not python:
         return
     try:
         completed = subprocess.run(
-            [sys.executable, "-I", "-c",
-             "import ast, sys; ast.parse(sys.stdin.read(), sys.argv[1])", path],
-            input=text, capture_output=True, text=True, timeout=PARSE_TIMEOUT_S,
+            [sys.executable, "-I", "-c", _PARSE_SCRIPT],
+            input=json.dumps(python), capture_output=True, text=True, timeout=PARSE_TIMEOUT_S,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         )
     except subprocess.TimeoutExpired:
-        raise EditError(f"{path}: parsing the edited file took over {PARSE_TIMEOUT_S} s") from None
+        names = ", ".join(sorted(python))
+        raise EditError(f"{names}: parsing the edited file took over {PARSE_TIMEOUT_S} s") from None
     if completed.returncode != 0:
         lines = completed.stderr.strip().splitlines()
         detail = "\n".join(lines[-4:]) if lines else f"exit code {completed.returncode}"
-        raise EditError(f"{path}: the edited file does not parse:\n{detail}")
+        raise EditError(f"the edited file does not parse:\n{detail}")
 
 
 def apply_edits(
@@ -120,15 +153,48 @@ def apply_edits(
         if count != 1:
             where = "does not occur" if count == 0 else f"occurs {count} times (must be once)"
             hint = _did_you_mean(text, edit.search) if count == 0 else (
-                " Include more surrounding lines to make it unique.")
+                f" It starts on lines {_occurrence_lines(text, edit.search)}; include more "
+                "surrounding lines to make it unique.")
             raise EditError(f"edit {number} ({path}): the search text {where}.{hint}")
         new_text = text.replace(edit.search, edit.replace, 1)
         if len(new_text.encode()) > MAX_FILE_BYTES:
             raise EditError(f"edit {number} ({path}): the result exceeds {MAX_FILE_BYTES} bytes")
         changed[path] = new_text
-    for path, text in changed.items():
-        check_parses(path, text)
+    check_parses(changed)
     return changed
+
+
+def validate_files(
+    files: Mapping[str, str], before: Mapping[str, str], whitelist: Iterable[str]
+) -> dict[str, str]:
+    """Whole new texts for some editable files (a human's edited version): the same checks
+    as edits (whitelist, size, parses); returns those that differ from `before`."""
+    whitelist = list(whitelist)
+    changed: dict[str, str] = {}
+    for path, text in files.items():
+        clean = normalise_path(path, whitelist)
+        if not isinstance(text, str):
+            raise EditError(f"{clean}: the new content must be text")
+        if len(text.encode()) > MAX_FILE_BYTES:
+            raise EditError(f"{clean}: the new content exceeds {MAX_FILE_BYTES} bytes")
+        if "\0" in text:
+            raise EditError(f"{clean}: the new content contains a NUL byte")
+        if before.get(clean) != text:
+            changed[clean] = text
+    check_parses(changed)
+    return changed
+
+
+def write_files(root: Path, files: Mapping[str, str], *, durable: bool = True) -> None:
+    """Write validated texts under `root`, each atomically; every target is checked first
+    (no symlink anywhere on its path), so a refusal writes nothing."""
+    targets = {relative: safe_target(root, relative) for relative in files}
+    for relative, target in targets.items():
+        if target.exists() and not target.is_file():
+            raise EditError(f"'{relative}' is not a regular file", policy_violation=True)
+    for relative, text in files.items():
+        targets[relative].parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(targets[relative], text, durable=durable)
 
 
 def unified_diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:

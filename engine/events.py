@@ -118,6 +118,65 @@ class RunFinished(Event):
 
 
 @dataclass(frozen=True)
+class PolicyViolation(Event):
+    """An edit that tried to leave the whitelist (a path outside it, a symlink)."""
+
+    iteration: int
+    error: str
+
+
+@dataclass(frozen=True)
+class ManualEditDetected(Event):
+    """A human changed a whitelisted file; `where` is "checkout" or "workspace"."""
+
+    path: str
+    diff: str
+    where: str
+
+
+@dataclass(frozen=True)
+class ManualEditResolved(Event):
+    """A manual edit was adopted (it becomes node `node_id`) or ignored."""
+
+    path: str | None
+    adopted: bool
+    node_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ProposalStale(Event):
+    """A human edited a file that the pending proposal of `iteration` also changes."""
+
+    iteration: int
+    path: str
+
+
+@dataclass(frozen=True)
+class EditedVersionInvalid(Event):
+    """The human's edited version of a proposal failed validation; the proposal keeps waiting."""
+
+    iteration: int
+    error: str
+
+
+@dataclass(frozen=True)
+class NodeReverted(Event):
+    """Node `node_id` was created with the code of `reverted_id`'s parent."""
+
+    node_id: int
+    reverted_id: int
+    commit: str | None = None
+
+
+@dataclass(frozen=True)
+class CodeCommitted(Event):
+    """A code-changing node became git commit `commit`."""
+
+    node_id: int
+    commit: str
+
+
+@dataclass(frozen=True)
 class Command:
     """Base of every command a human (or a policy) can give the engine."""
 
@@ -137,6 +196,35 @@ class Reject(Command):
 
 
 @dataclass(frozen=True)
+class ApproveEdited(Command):
+    """Approve a proposal whose editable files the human rewrote (e.g. in $EDITOR)."""
+
+    files: dict[str, str]
+    iteration: int | None = None
+
+
+@dataclass(frozen=True)
+class Revert(Command):
+    """Create a new node whose code is `node_id`'s parent's (history is never rewritten)."""
+
+    node_id: int
+
+
+@dataclass(frozen=True)
+class AdoptManualEdit(Command):
+    """Make the detected manual edit (of `path`, or all of them) the next node's code."""
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class IgnoreManualEdit(Command):
+    """Dismiss the detected manual edit (of `path`, or all of them)."""
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
 class Pause(Command):
     reason: str = "paused by a human"
 
@@ -152,7 +240,9 @@ class Stop(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    cls.__name__: cls for cls in (Approve, Reject, Pause, ResumeRun, Stop)
+    cls.__name__: cls
+    for cls in (Approve, Reject, ApproveEdited, Revert, AdoptManualEdit, IgnoreManualEdit,
+                Pause, ResumeRun, Stop)
 }
 
 

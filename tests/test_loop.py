@@ -4,7 +4,6 @@ journal, real files. The scripted agent decides; everything else is the producti
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from git_project import FAKE, UserState, copy_fake, git, make_git_project
 from scripted_agent import ScriptedAgent
 
 from engine import events as ev
@@ -20,15 +20,18 @@ from engine.journal import Journal, RunLockedError, Step
 from engine.loop import Engine, RunSettings
 
 HERE = Path(__file__).resolve().parent
-FAKE = HERE / "fakeproject"
 REPO = HERE.parent
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    shutil.copytree(FAKE, root, ignore=shutil.ignore_patterns("__pycache__", "log"))
-    return root
+    return make_git_project(tmp_path / "project")
+
+
+@pytest.fixture
+def plain_project(tmp_path: Path) -> Path:
+    """The fake project outside any git repository (proctor keeps a private one)."""
+    return copy_fake(tmp_path / "project")
 
 
 def settings(root: Path, name: str = "r1", iterations: int = 4, approval: str = "auto"):
@@ -80,19 +83,31 @@ async def test_headless_run_keeps_files_journal_and_tree_consistent(project):
 
 
 async def test_code_edit_is_inherited_and_branching_back_restores_code(project):
+    before = UserState.of(project)
     engine, _ = await run_engine(project, iterations=4)
     node3 = engine.tree.get(3)
     assert node3.code_changed
     # node 3's code raised BONUS by 0.01: its score carries it, its parent's does not
     parent = engine.tree.get(node3.parent_id)
     run_dir = project / "log" / "r1"
-    code = run_dir / "nodes" / "003" / "code" / "models" / "siren.py"
-    assert "BONUS = 0.01" in code.read_text()
+    assert "BONUS = 0.01" in git(project, "show", f"{node3.commit}:models/siren.py")
+    assert git(project, "rev-parse", "refs/proctor/r1/nodes/3") == node3.commit
     assert "+BONUS = 0.01" in (run_dir / "nodes" / "003" / "change.diff").read_text()
     assert node3.metrics["final_r2"] == pytest.approx(parent.metrics["final_r2"] + 0.01)
-    # the user's checkout is untouched
+    # the user's checkout, HEAD, branch and index are untouched
     original = (FAKE / "models" / "siren.py").read_text()
     assert (project / "models" / "siren.py").read_text() == original
+    assert UserState.of(project) == before
+
+
+async def test_a_project_outside_git_gets_a_private_repository(plain_project):
+    engine, _ = await run_engine(plain_project, iterations=3)
+    node3 = engine.tree.get(3)
+    private = plain_project / "log" / "r1" / "repo.git"
+    assert node3.code_changed and (private / "HEAD").exists()
+    assert "BONUS = 0.01" in git(private, "show", f"{node3.commit}:models/siren.py")
+    assert "harness.py" in git(private, "ls-tree", "-r", "--name-only", node3.commit)
+    assert not (plain_project / ".git").exists()
 
 
 class InvalidEditAgent(ScriptedAgent):
@@ -118,7 +133,7 @@ async def test_invalid_edit_is_retried_then_skipped_without_touching_files(proje
     assert repairs and "does not occur" in repairs[0].error
     assert any(isinstance(e, ev.IterationSkipped) and e.iteration == 2 for e in seen)
     assert 2 not in engine.tree and 3 in engine.tree
-    assert not (project / "log" / "r1" / "nodes" / "002" / "code").exists()
+    assert git(project, "for-each-ref", "refs/proctor/r1/attempts/2") == ""
 
 
 class CrashingCodeAgent(ScriptedAgent):

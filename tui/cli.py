@@ -40,12 +40,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "run",
         help="start an exploration run on CONFIG",
         description="Start an exploration run: the agent proposes, proctor runs and records, "
-        "under log/<name>/. Until the TUI lands every run is headless (--headless is implied): "
-        "a live progress line on a terminal, plain lines otherwise.",
+        "under log/<name>/. On a terminal the TUI opens with the engine inside it; --headless "
+        "prints progress lines instead (also when the output is not a terminal); --detach "
+        "starts the engine in the background, where it survives logging out (see attach).",
     )
     run.add_argument("config", type=Path, help="experiment config (YAML)")
     run.add_argument("--iterations", type=_positive_int, help="iterations to run in total")
-    run.add_argument("--headless", action="store_true", help="no TUI (the only mode for now)")
+    run.add_argument("--headless", action="store_true", help="no TUI: plain progress lines")
+    run.add_argument("--detach", action="store_true",
+                     help="run in the background (survives logout); prints how to attach")
     run.add_argument("--agent", choices=["heuristic", "anthropic"],
                      help="who proposes (default: anthropic with a key, else heuristic)")
     run.add_argument("--approve", choices=["auto", "code", "all"],
@@ -53,6 +56,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run name (default: <config>_<date-time>)")
     run.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
     run.add_argument("--log", action="store_true", help="echo the training logs")
+
+    attach = commands.add_parser(
+        "attach", help="open the TUI on a run that runs in the background",
+        description="Watch and review a run started with --detach (or by another terminal). "
+        "Decisions go to the run's journal; quitting leaves the run going. Any number of "
+        "viewers may attach at once.")
+    attach.add_argument("run", help="run name (a folder of log/)")
 
     resume = commands.add_parser("resume", help="continue a run after a stop or a crash")
     resume.add_argument("run", help="run name (a folder of log/)")
@@ -70,6 +80,13 @@ def _build_parser() -> argparse.ArgumentParser:
     reject.add_argument("--reason", required=True, help="why (the agent reads it)")
     stop = commands.add_parser("stop", help="stop a run cleanly (it can be resumed)")
     stop.add_argument("run", help="run name (a folder of log/)")
+    revert = commands.add_parser(
+        "revert", help="add a node that undoes NODE's change",
+        description="Add a node whose code and config are NODE's parent's, as a child of "
+        "NODE (a new commit; history is never rewritten). A live run applies it at its next "
+        "iteration; a stopped run when it is resumed.")
+    revert.add_argument("run", help="run name (a folder of log/)")
+    revert.add_argument("node", type=_positive_int, help="the node to revert")
     return parser
 
 
@@ -96,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run(args.config, iterations=args.iterations, agent=args.agent,
                        approve=args.approve, name=args.name, runner=args.runner,
-                       echo_log=args.log)
+                       echo_log=args.log, headless=args.headless, detach=args.detach)
+        if args.command == "attach":
+            from tui.commands import attach
+
+            return attach(args.run)
         if args.command == "resume":
             from tui.commands import resume
 
@@ -105,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             from tui.commands import status
 
             return status(args.run, as_json=args.json)
+        if args.command == "revert":
+            from tui.commands import revert
+
+            return revert(args.run, args.node)
         if args.command in ("approve", "reject", "stop"):
             from engine import events
             from tui.commands import post

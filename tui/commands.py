@@ -109,8 +109,10 @@ def _agent_factory(name_override: str | None):
 
 
 def run(config_path: Path, *, iterations: int | None, agent: str | None, approve: str | None,
-        name: str | None, runner: str | None, echo_log: bool) -> int:
-    """Start a new exploration run, headless."""
+        name: str | None, runner: str | None, echo_log: bool, headless: bool = True,
+        detach: bool = False) -> int:
+    """Start a new exploration run: in the TUI (`headless` off, on a terminal), headless, or
+    `detach`ed in a background process."""
     from engine.agents import default_agent_name
     from engine.loop import Engine, EngineError, RunSettings
 
@@ -124,9 +126,13 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
         agent=agent or exploration.agent or default_agent_name(),
         runner=runner or exploration.runner,
     )
+    if detach:
+        return _detach(root, config_path, settings, echo_log)
     from engine.headless import HeadlessPrinter
     from engine.journal import JournalError
 
+    if not headless and _interactive():
+        return _run_in_tui(root, config, settings)
     printer = HeadlessPrinter(echo_log=echo_log)
     try:
         engine = Engine.create(root, config, settings, _agent_factory(None)(config, settings),
@@ -134,6 +140,99 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
     except (EngineError, JournalError, FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     return _drive(engine)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _run_in_tui(root: Path, config: ExperimentConfig, settings) -> int:
+    """The app with the engine inside it; the engine is built after the first paint."""
+    from engine.journal import JournalError
+    from engine.loop import Engine, EngineError
+    from tui.app import live_app
+    from tui.source import SourceError
+
+    def open_engine(publish):
+        try:
+            agent = _agent_factory(None)(config, settings)
+            return Engine.create(root, config, settings, agent, publish)
+        except (EngineError, JournalError, FileNotFoundError, ValueError) as exc:
+            raise SourceError(str(exc)) from None
+
+    app = live_app(open_engine)
+    app.run()
+    if app.failure:
+        raise UsageError(app.failure)
+    print(f"run {settings.name}: {app.state.phase}. `proctor resume {settings.name}` continues "
+          f"it; `proctor status {settings.name}` shows its nodes.")
+    return app.return_code or 0
+
+
+DETACH_START_S = 60.0  # how long `run --detach` waits for the engine to record the run
+
+
+def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
+    """Start the engine as a process of its own session (it outlives the terminal and the SSH
+    connection), its output in log/<run>/engine.out; return once the run is recorded."""
+    import subprocess
+
+    from engine.journal import Journal, JournalError, RunEvent
+    from engine.loop import RUN_NAME
+
+    if not RUN_NAME.match(settings.name):
+        raise UsageError(f"run name '{settings.name}' must be letters, digits, '_', '.', '-'")
+    run_dir = root / "log" / settings.name
+    if (run_dir / "journal.sqlite").exists():
+        raise UsageError(f"run '{settings.name}' already exists in {run_dir}: use "
+                         f"`proctor resume {settings.name}` or pick another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tui.cli", "run", str(config_path.resolve()), "--headless",
+            "--name", settings.name, "--iterations", str(settings.iterations),
+            "--approve", settings.approval, "--agent", settings.agent,
+            "--runner", settings.runner, *(["--log"] if echo_log else [])]
+    out_path = run_dir / "engine.out"
+    with open(out_path, "ab") as out:
+        process = subprocess.Popen(argv, cwd=Path.cwd(), stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + DETACH_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = out_path.read_text(errors="replace").strip().splitlines()[-15:]
+            raise UsageError(f"the engine stopped at once (exit code {process.returncode}):\n"
+                             + "\n".join(tail))
+        if (run_dir / "journal.sqlite").exists():
+            try:
+                with Journal.open_for_client(run_dir) as journal:
+                    if journal.run_events(RunEvent.RUN_CREATED):
+                        break
+            except JournalError:
+                pass  # created a moment ago: its schema is not there yet
+        time.sleep(0.1)
+    else:
+        raise UsageError(f"the engine (pid {process.pid}) did not record the run within "
+                         f"{DETACH_START_S:.0f} s; see {out_path}")
+    print(f"run {settings.name} started in the background (pid {process.pid}); "
+          f"its output goes to {out_path}")
+    print(f"  watch and review:  proctor attach {settings.name}")
+    print(f"  approve/reject:    proctor approve {settings.name}  |  "
+          f"proctor reject {settings.name} --reason TEXT")
+    print(f"  stop it:           proctor stop {settings.name}")
+    return 0
+
+
+def attach(run: str) -> int:
+    """Open the TUI on a run another process drives; quitting leaves the run going."""
+    run_dir = _run_dir(Path.cwd(), run)
+    if not _interactive():
+        raise UsageError("attach needs a terminal; `proctor status` prints a run's nodes")
+    from tui.app import attached_app
+
+    app = attached_app(run_dir)
+    app.run()
+    if app.failure:
+        raise UsageError(app.failure)
+    return 0
 
 
 def resume(run: str, *, iterations: int | None, echo_log: bool) -> int:
@@ -196,6 +295,31 @@ def status(run: str, *, as_json: bool) -> int:
     best = tree.best_node()
     if best is not None:
         print(f"best: node {best.id}, R2 {best.r2:.4f}")
+    return 0
+
+
+def revert(run: str, node_id: int) -> int:
+    """Post a Revert of a finished node; the engine adds the revert node at its next
+    iteration (a stopped run: when it is resumed)."""
+    from engine import events
+    from engine.journal import Journal, JournalError, Step
+
+    run_dir = _run_dir(Path.cwd(), run)
+    try:
+        with Journal.open_for_client(run_dir) as journal:
+            record = journal.payload(node_id, Step.RECORDED)
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    node = (record or {}).get("node")
+    if not node:
+        raise UsageError(f"run {run_dir.name} has no finished node {node_id} "
+                         f"(see `proctor status {run}`)")
+    if node.get("status") not in ("done", "diverged"):
+        raise UsageError(f"node {node_id} is {node.get('status')}: only finished nodes can be "
+                         "reverted")
+    post(run, events.Revert(node_id))
+    print(f"node {node_id} will be reverted at the run's next iteration "
+          f"(if the run is stopped: proctor resume {run_dir.name})")
     return 0
 
 

@@ -1,0 +1,533 @@
+"""Seeing a run that another process drives: its journal and files as typed engine events.
+
+`AttachedRun.poll()` reads the journal rows written since the last poll and the new bytes of
+the active node's training log, and returns the SAME `engine.events` values the in-process
+engine publishes, so a viewer (the TUI) has one code path for both. Decisions go back as
+journal commands (`send`). `RunReader` is the read-only view of a run folder both kinds of
+viewer use for the tree, the code at any node and the agent's cost so far.
+
+Nothing here takes the run lock or writes anything but commands: any number of viewers may
+attach to one run, and quitting them leaves it going."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import events as ev
+from engine.config import ExperimentConfig
+from engine.edits import EditError, apply_edits, unified_diff
+from engine.journal import LOCK_FILE, Event, Journal, JournalError, RunEvent, Step
+from engine.logs import RunLogs, strip_control
+from engine.loop import (
+    HUMAN_QUEUE_KEY,
+    PROGRESS,
+    STALE_KEY,
+    config_changes,
+    describe_changes,
+    set_dotted,
+)
+from engine.proposal import Proposal
+from engine.runner.types import RunResult, RunStatus
+from engine.tree import Node, NodeStatus, Tree, TreeError
+from engine.vcs import VcsError
+from engine.watch import PENDING_KEY, ManualEdit
+from engine.workspace import CodeStore
+
+# Per poll, at most this many new log lines reach the viewer (the file keeps them all).
+MAX_LINES_PER_POLL = 2000
+# A log tail starts this far from the end of the file: a viewer never reads a whole big log.
+TAIL_START_BYTES = 256 * 1024
+# Bytes read from a log per poll; a faster writer is skipped ahead (the marker says so).
+MAX_READ_BYTES = 4 * 1024 * 1024
+
+_STATUS_OF_RUN = {RunStatus.OK: NodeStatus.DONE, RunStatus.DIVERGED: NodeStatus.DIVERGED}
+
+
+def node_status_of(result: RunResult) -> NodeStatus:
+    """The node status a run result gives (what the engine's `_finish_node` records)."""
+    return _STATUS_OF_RUN.get(result.status, NodeStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run was created with (its `run_created` journal record)."""
+
+    name: str
+    run_dir: Path
+    project_root: Path
+    config: ExperimentConfig
+    iterations: int
+    approval: str
+    agent: str
+    created_at: float
+
+    @property
+    def instructions_path(self) -> Path:
+        return self.project_root / self.config.exploration.instructions
+
+
+class RunReader:
+    """A read-only view of one run folder: its tree (from the journal), node code and files.
+
+    `refresh()` folds the journal rows written since the last call; a lock makes it safe to
+    call from a worker thread while another thread reads `snapshot()`."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.journal = Journal.open_for_client(self.run_dir)
+        try:
+            created = self.journal.run_events(RunEvent.RUN_CREATED)
+            if not created:
+                raise JournalError(f"run '{self.run_dir.name}' has no creation record (yet)")
+            record = created[0].payload
+            config = ExperimentConfig.model_validate(record["config"])
+            settings = record["settings"]
+            self.info = RunInfo(
+                name=settings["name"], run_dir=self.run_dir,
+                project_root=Path(record["project_root"]), config=config,
+                iterations=int(settings["iterations"]), approval=settings["approval"],
+                agent=settings["agent"], created_at=created[0].created_at,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            self.journal.close()
+            raise JournalError(f"run '{self.run_dir.name}' has an unreadable record: {exc}") \
+                from None
+        except BaseException:
+            self.journal.close()
+            raise
+        exploration = config.exploration
+        self.tree = Tree(block_size=exploration.block_size, score=exploration.score,
+                         c=exploration.ucb_c)
+        self.logs = RunLogs(self.run_dir)
+        # Built from the run folder's vcs.yaml on first use (an attached reader has no engine).
+        self.code = CodeStore(self.run_dir, exploration.harness.split(".")[0],
+                              exploration.editable_files)
+        self.cost_usd = 0.0
+        self.iteration_times: dict[int, tuple[float, float | None]] = {}
+        self.stopped: str | None = None
+        self._seq = 0
+        self.lock = threading.RLock()  # hold it to read `tree` from another thread
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- folding the journal ---------------------------------------------------------------
+
+    def new_rows(self) -> list[Event]:
+        """Journal rows written since the last call (not folded yet)."""
+        with self.lock:
+            rows = self.journal.events(after_seq=self._seq)
+            if rows:
+                self._seq = rows[-1].seq
+            return rows
+
+    def fold(self, row: Event) -> None:
+        """Update the tree and the run's counters with one journal row (a row this version
+        cannot read is skipped: a viewer must keep going)."""
+        with self.lock, contextlib.suppress(TreeError, KeyError, TypeError, ValueError):
+            self._fold(row)
+
+    def refresh(self) -> int:
+        """Fold every new journal row; returns how many there were."""
+        with self.lock:
+            rows = self.new_rows()
+            for row in rows:
+                self.fold(row)
+            return len(rows)
+
+    def _fold(self, row: Event) -> None:
+        payload = row.payload
+        if row.iteration is None:
+            if row.step == RunEvent.STOPPED:
+                self.stopped = str(payload.get("reason", "stopped"))
+            elif row.step == RunEvent.RUN_CREATED:
+                self.stopped = None
+            return
+        iteration = row.iteration
+        if row.step == Step.STARTED:
+            self.stopped = None
+            self.iteration_times.setdefault(iteration, (row.created_at, None))
+        elif row.step == Step.PROPOSAL_STORED:
+            cost = payload.get("cost_usd")
+            if isinstance(cost, int | float) and math.isfinite(cost):
+                self.cost_usd += float(cost)
+        elif row.step in (Step.APPLIED, Step.RECORDED) and payload.get("node"):
+            self._put_node(Node.from_dict(payload["node"]))
+        elif row.step == Step.RUN_STARTED and iteration in self.tree:
+            self.tree.update(iteration, status=NodeStatus.RUNNING)
+        elif row.step == Step.RUN_FINISHED and iteration in self.tree:
+            result = RunResult.from_dict(payload["result"])
+            self.tree.update(iteration, status=node_status_of(result),
+                             metrics=dict(result.metrics))
+        if row.step == Step.RECORDED:
+            started = self.iteration_times.get(iteration, (row.created_at, None))[0]
+            self.iteration_times[iteration] = (started, row.created_at)
+
+    def _put_node(self, node: Node) -> None:
+        if node.id in self.tree:
+            current = self.tree.get(node.id)
+            current.status, current.metrics = node.status, dict(node.metrics)
+            current.commit = node.commit or current.commit
+            return
+        # A node whose parent this viewer never saw (or that failed) is left out.
+        with contextlib.suppress(TreeError):
+            self.tree.add(node)
+
+    # -- questions about the run -----------------------------------------------------------
+
+    def node(self, node_id: int) -> Node | None:
+        with self.lock:
+            return self.tree.get(node_id) if node_id in self.tree else None
+
+    def best(self) -> tuple[int | None, float | None]:
+        """The best done node and its final R2 (None, None before any)."""
+        with self.lock:
+            best = self.tree.best_node()
+        return (best.id, best.metrics.get("final_r2")) if best else (None, None)
+
+    def parent_config(self, parent_id: int | None) -> dict[str, Any]:
+        with self.lock:
+            if parent_id is None or parent_id not in self.tree:
+                return self.info.config.experiment_sections()
+            return self.tree.get(parent_id).config
+
+    def _commit_of(self, node_id: int | None) -> str:
+        """The commit whose code a node runs (the run's base commit for the root)."""
+        while node_id is not None and node_id in self.tree:
+            node = self.tree.get(node_id)
+            if node.commit is not None:
+                return node.commit
+            node_id = node.parent_id
+        return self.code.lineage.base
+
+    def files_at(self, node_id: int | None) -> dict[str, str]:
+        """The editable files as they are at a node (None: the run's base code)."""
+        with self.lock:
+            commit = self._commit_of(node_id)
+        return self.code.files_at_commit(commit)
+
+    def proposal_files(self, proposal: Proposal,
+                       human_files: dict[str, str] | None = None
+                       ) -> tuple[dict[str, str], dict[str, str]]:
+        """The editable files at the proposal's parent, and as the proposal leaves them
+        (`human_files`: the whole texts a human's change sets, for reverts and adopted edits).
+
+        Raises EditError for edits the engine would refuse."""
+        before = self.files_at(proposal.parent_id)
+        if human_files is not None:
+            return before, {**before, **human_files}
+        whitelist = self.info.config.exploration.editable_files
+        return before, {**before, **apply_edits(before, proposal.edits, whitelist)}
+
+    def proposal_diff(self, proposal: Proposal,
+                      human_files: dict[str, str] | None = None) -> str:
+        """The unified diff of a proposal's code ('' for a config-only proposal)."""
+        if not proposal.edits and not human_files:
+            return ""
+        before, after = self.proposal_files(proposal, human_files)
+        return unified_diff(before, after)
+
+    def config_diff(self, proposal: Proposal) -> str:
+        """`key: old -> new` per config change, as the engine words it."""
+        before = self.parent_config(proposal.parent_id)
+        after = before
+        for key, value in proposal.config_changes.items():
+            try:
+                after = set_dotted(after, key, value)
+            except (KeyError, TypeError):
+                continue  # the engine refuses such a key; the viewer shows the rest
+        return describe_changes(config_changes(before, after))
+
+    def needs_review(self, proposal: Proposal) -> bool:
+        """Whether the run's approval policy makes this proposal wait for a human."""
+        return self.info.approval == "all" or (
+            self.info.approval == "code" and proposal.changes_code)
+
+    def engine_running(self) -> bool:
+        """Whether an engine process holds this run (judged from its lock file's owner)."""
+        try:
+            owner = json.loads((self.run_dir / LOCK_FILE).read_text() or "{}")
+            pid = int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if owner.get("host") not in (None, socket.gethostname()):
+            return True  # another machine's process: trust the journal
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class _LogTail:
+    """New lines of a growing training log, read without loading the file."""
+
+    def __init__(self, path: Path, iteration: int):
+        self.path = path
+        self.iteration = iteration
+        self._offset: int | None = None  # None: start near the end on the first read
+        self._partial = b""
+
+    def read(self, max_lines: int = MAX_LINES_PER_POLL, final: bool = False) -> list[str]:
+        """Lines completed since the last read (the last partial line too when `final`);
+        over `max_lines`, the oldest are replaced by one marker line."""
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            return []
+        skipped_bytes = 0
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if self._offset is None or size < self._offset:  # first read, or rewritten
+                start = max(0, size - TAIL_START_BYTES)
+                self._partial = b""
+                if start:
+                    handle.seek(start - 1)
+                    if handle.read(1) != b"\n":
+                        handle.readline()  # skip to the first whole line
+                    start = handle.tell()
+                self._offset = start
+            if size - self._offset > MAX_READ_BYTES:
+                skipped_bytes = size - MAX_READ_BYTES - self._offset
+                self._offset = size - MAX_READ_BYTES
+                self._partial = b""
+            handle.seek(self._offset)
+            data = handle.read(size - self._offset)
+        self._offset += len(data)
+        data = self._partial + data
+        pieces = data.split(b"\n")
+        self._partial = b"" if final else pieces.pop()
+        if final and pieces and pieces[-1] == b"":
+            pieces.pop()
+        lines = [strip_control(piece.decode("utf-8", "replace").rstrip("\r"))
+                 for piece in pieces]
+        dropped = max(0, len(lines) - max_lines)
+        if dropped or skipped_bytes:
+            lines = lines[dropped:]
+            what = f"{dropped} lines" + (f" and {skipped_bytes} bytes" if skipped_bytes else "")
+            lines.insert(0, f"[proctor] {what} not shown here (all are in {self.path.name})")
+        return lines
+
+
+class AttachedRun:
+    """A run driven by another process, followed through its journal and log files."""
+
+    def __init__(self, run_dir: str | Path, *, max_lines_per_poll: int = MAX_LINES_PER_POLL):
+        self.reader = RunReader(run_dir)
+        self.info = self.reader.info
+        self.max_lines = max_lines_per_poll
+        self._opened = False
+        self._tail: _LogTail | None = None
+        self._best: float | None = None
+        self._engine_gone_reported = False
+        self._human: dict[int, dict[str, Any]] = {}  # iteration -> the human change it runs
+        self._manual: dict[str, ManualEdit] = {}  # the manual edits reported as pending
+        self._stale: set[tuple[Any, str]] = set()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def send(self, command: ev.Command) -> int:
+        """Post a command for the engine to the journal; returns its id."""
+        payload = command.to_payload()
+        kind = payload.pop("kind")
+        return self.reader.journal.post_command(kind, payload)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def poll(self) -> list[ev.Event]:
+        """The events that happened since the last poll (all of the run's history first)."""
+        events: list[ev.Event] = []
+        if not self._opened:
+            self._opened = True
+            events.append(ev.RunOpened(self.info.name, str(self.info.run_dir),
+                                       self.info.iterations))
+        rows = self.reader.new_rows()
+        decided = {(r.iteration, r.attempt) for r in rows if r.step == Step.DECISION}
+        finished = {(r.iteration, r.attempt) for r in rows if r.step == Step.RUN_FINISHED}
+        last_start = max((r.seq for r in rows if r.step == Step.RUN_STARTED), default=None)
+        for row in rows:
+            self.reader.fold(row)
+            try:
+                events.extend(self._translate(row, decided, finished, last_start))
+            except (KeyError, TypeError, ValueError) as exc:  # a viewer keeps going
+                events.append(ev.EngineError(f"skipped a journal record this viewer cannot "
+                                             f"read ({row.step} #{row.seq}: {exc})"))
+        if self._tail is not None:
+            events.extend(self._log_events(self._tail.read(self.max_lines)))
+        events.extend(self._manual_edit_events())
+        events.extend(self._engine_state())
+        return events
+
+    def follow(self, publish: Callable[[ev.Event], None], stop: threading.Event,
+               interval_s: float = 0.25) -> None:
+        """Publish events until `stop` is set (blocking: run it in a thread)."""
+        while not stop.is_set():
+            for event in self.poll():
+                publish(event)
+            stop.wait(interval_s)
+
+    def _translate(self, row: Event, decided: set, finished: set,
+                   last_start: int | None) -> list[ev.Event]:
+        payload, iteration = row.payload, row.iteration
+        if iteration is None:
+            return self._run_event(row)
+        key = (iteration, row.attempt)
+        match row.step:
+            case Step.STARTED:
+                return [ev.IterationStarted(iteration, int(payload.get("block", 0)),
+                                            self.info.iterations)]
+            case Step.PROPOSAL_STORED:
+                return self._proposal(iteration, row.attempt, payload, key in decided)
+            case Step.APPLIED:
+                return self._applied(iteration, payload)
+            case Step.DECISION:
+                return [ev.ProposalDecided(iteration, bool(payload.get("approved")),
+                                           str(payload.get("reason", "")),
+                                           str(payload.get("by", "policy")))]
+            case Step.RUN_STARTED:
+                node = self.reader.node(iteration)
+                started = ev.TrainingStarted(
+                    iteration, iteration, node.parent_id if node else None,
+                    node.mutation if node else "", int(payload.get("pid", 0)))
+                # History already finished is not tailed, except the latest run's log.
+                if key not in finished or row.seq == last_start:
+                    self._tail = _LogTail(
+                        self.reader.logs.node_dir(iteration, create=False) / "training.log",
+                        iteration)
+                return [started]
+            case Step.RUN_FINISHED:
+                events: list[ev.Event] = []
+                if self._tail is not None and self._tail.iteration == iteration:
+                    events.extend(self._log_events(self._tail.read(self.max_lines, final=True)))
+                    self._tail = None
+                result = RunResult.from_dict(payload["result"])
+                status = node_status_of(result)
+                r2 = result.metrics.get("final_r2")
+                if status is NodeStatus.DONE and isinstance(r2, float) and math.isfinite(r2):
+                    self._best = r2 if self._best is None else max(self._best, r2)
+                events.append(ev.NodeFinished(iteration, iteration, str(status),
+                                              dict(result.metrics), result.error, self._best))
+                return events
+            case Step.RECORDED if payload.get("node") is None:
+                return [ev.IterationSkipped(iteration, str(payload.get("skipped", "skipped")))]
+        return []
+
+    def _proposal(self, iteration: int, attempt: int, payload: dict[str, Any],
+                  already_decided: bool) -> list[ev.Event]:
+        proposal = Proposal.model_validate(payload["proposal"])
+        human = payload.get("human") or {}
+        human_files = human.get("files") if isinstance(human.get("files"), dict) else None
+        diff = ""
+        if not already_decided:  # the diffs of history live in each node's change.diff
+            try:
+                diff = self.reader.proposal_diff(proposal, human_files)
+            except (EditError, VcsError, OSError) as exc:
+                return [ev.ProposalInvalid(iteration, str(exc), attempt + 1)]
+        config_diff = self.reader.config_diff(proposal)
+        if human:
+            self._human[iteration] = human
+        # A human's own change (a revert, an adopted edit) never waits for review.
+        waiting = not human and self.reader.needs_review(proposal)
+        return [ev.ProposalReady(iteration, proposal, diff, config_diff, waiting)]
+
+    def _applied(self, iteration: int, payload: dict[str, Any]) -> list[ev.Event]:
+        try:
+            node = Node.from_dict(payload["node"])
+        except (KeyError, TreeError):
+            return []
+        events: list[ev.Event] = []
+        if node.code_changed and node.commit:
+            events.append(ev.CodeCommitted(iteration, node.commit))
+        human = self._human.pop(iteration, {})
+        if human.get("kind") == "revert":
+            events.append(ev.NodeReverted(iteration, int(human.get("reverted_id") or 0),
+                                          node.commit))
+        return events
+
+    def _manual_edit_events(self) -> list[ev.Event]:
+        """Manual edits and stale proposals, from the state the engine keeps in the journal."""
+        journal = self.reader.journal
+        pending: dict[str, ManualEdit] = {}
+        for item in journal.state(PENDING_KEY, []) or []:
+            with contextlib.suppress(KeyError, TypeError):
+                edit = ManualEdit.from_dict(item)
+                pending[edit.path] = edit
+        events: list[ev.Event] = []
+        for path, edit in pending.items():
+            if self._manual.get(path) != edit:
+                events.append(ev.ManualEditDetected(path, edit.diff, edit.where))
+        gone = [path for path in self._manual if path not in pending]
+        if gone:
+            queued = journal.state(HUMAN_QUEUE_KEY, []) or []
+            adopted = {path for item in queued if item.get("kind") == "manual-edit"
+                       for path in item.get("files", {})}
+            adopted |= {path for human in self._human.values()
+                        if human.get("kind") == "manual-edit" for path in human.get("files", {})}
+            events.extend(ev.ManualEditResolved(path, adopted=path in adopted) for path in gone)
+        self._manual = pending
+        stale = journal.state(STALE_KEY) or {}
+        for path in stale.get("paths", []) if isinstance(stale, dict) else []:
+            key = (stale.get("iteration"), path)
+            if key not in self._stale:
+                self._stale.add(key)
+                events.append(ev.ProposalStale(int(stale.get("iteration") or 0), path))
+        return events
+
+    def _run_event(self, row: Event) -> list[ev.Event]:
+        match row.step:
+            case RunEvent.PAUSED:
+                return [ev.Paused(str(row.payload.get("reason", "paused")))]
+            case RunEvent.RESUMED:
+                return [ev.Resumed()]
+            case RunEvent.STOPPED:
+                best_id, best_r2 = self.reader.best()
+                return [ev.RunFinished(str(row.payload.get("reason", "stopped")), best_id,
+                                       best_r2)]
+        return []
+
+    def _log_events(self, lines: list[str]) -> list[ev.Event]:
+        if not lines or self._tail is None:
+            return []
+        iteration = self._tail.iteration
+        events: list[ev.Event] = [ev.LogLines(iteration, tuple(lines))]
+        for line in reversed(lines):
+            match = PROGRESS.search(line)
+            if match:
+                events.append(ev.TrainingProgress(iteration, int(match[1]), int(match[2])))
+                break
+        return events
+
+    def _engine_state(self) -> list[ev.Event]:
+        """One EngineError when the engine process is gone before the run ended."""
+        if self.reader.stopped is not None:
+            return []
+        running = self.reader.engine_running()
+        if running:
+            self._engine_gone_reported = False
+            return []
+        if self._engine_gone_reported:
+            return []
+        self._engine_gone_reported = True
+        return [ev.EngineError(
+            f"no engine is driving run '{self.info.name}' (it crashed or was killed): "
+            f"`proctor resume {self.info.name}` continues it")]

@@ -1,0 +1,216 @@
+"""What the app knows about the run, folded from engine events (no Textual in here).
+
+`RunState.apply(event)` updates the model and returns the notices worth telling the human
+(a proposal waiting, a manual edit, an error). The views read the state; they never fold
+events themselves."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from engine import events as ev
+from engine.proposal import Proposal
+
+Severity = Literal["information", "warning", "error"]
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    PROPOSING = "agent proposing"
+    REVIEWING = "waiting for review"
+    APPLYING = "applying"
+    TRAINING = "training"
+    RECORDING = "recording"
+    PAUSED = "paused"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something to tell the human (a toast; `bell` rings the terminal bell too)."""
+
+    message: str
+    severity: Severity = "information"
+    title: str = ""
+    bell: bool = False
+
+
+@dataclass
+class Review:
+    """The proposal the engine shows (and, when `awaiting`, waits on)."""
+
+    iteration: int
+    proposal: Proposal
+    diff: str
+    config_diff: str
+    awaiting: bool
+    serial: int = 0  # counts proposals: an identical re-proposal is still a new one
+    stale_paths: list[str] = field(default_factory=list)
+    edit_error: str | None = None  # the human's edited version was refused
+
+    @property
+    def key(self) -> int:
+        return self.serial
+
+
+@dataclass(frozen=True)
+class ManualEdit:
+    path: str
+    diff: str
+    where: str
+
+
+def finite(value: float | None) -> float | None:
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+@dataclass
+class RunState:
+    """The run as the events told it."""
+
+    run: str = ""
+    run_dir: str = ""
+    total_iterations: int = 0
+    iteration: int = 0
+    block: int = 0
+    phase: Phase = Phase.STARTING
+    node_id: int | None = None
+    parent_id: int | None = None
+    strategy: str = ""
+    mutation: str = ""
+    hypothesis: str = ""
+    step: int = 0
+    steps: int = 0
+    best_r2: float | None = None
+    last_r2: float | None = None
+    review: Review | None = None
+    manual_edits: dict[str, ManualEdit] = field(default_factory=dict)
+    paused: str | None = None
+    finished: ev.RunFinished | None = None
+    last_error: str | None = None
+    log_iteration: int | None = None
+    events_seen: int = 0
+    proposals_seen: int = 0
+
+    @property
+    def waiting_review(self) -> Review | None:
+        """The proposal a human must decide on now, if any."""
+        return self.review if self.review is not None and self.review.awaiting else None
+
+    def apply(self, event: ev.Event) -> list[Notice]:
+        """Fold one event; returns what to tell the human about it."""
+        self.events_seen += 1
+        match event:
+            case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total):
+                self.run, self.run_dir, self.total_iterations = run, run_dir, total
+                self.finished = None
+            case ev.IterationStarted(iteration=iteration, block=block, total_iterations=total):
+                self.iteration, self.block, self.total_iterations = iteration, block, total
+                self.phase = Phase.PROPOSING
+                self.step = self.steps = 0
+                self.review = None
+                self.finished = None
+            case ev.ProposalReady(iteration=iteration, proposal=proposal, diff=diff,
+                                  config_diff=config_diff, awaiting_review=awaiting):
+                self.iteration, self.node_id = iteration, iteration  # a node's id: its iteration
+                self.proposals_seen += 1
+                self.review = Review(iteration, proposal, diff, config_diff, awaiting,
+                                     self.proposals_seen)
+                self.parent_id, self.strategy = proposal.parent_id, str(proposal.strategy)
+                self.mutation = proposal.mutation or config_diff.replace("\n", "; ")
+                self.hypothesis = proposal.hypothesis
+                if awaiting:
+                    self.phase = Phase.REVIEWING
+            case ev.ProposalDecided(iteration=iteration, approved=approved, reason=reason,
+                                    by=by):
+                if self.review is not None and self.review.iteration == iteration:
+                    self.review.awaiting = False
+                self.phase = Phase.APPLYING if approved else Phase.PROPOSING
+                if by != "policy" and not approved:
+                    return [Notice(f"iteration {iteration}: rejected ({reason})", title=by)]
+            case ev.ProposalInvalid(iteration=iteration, error=error, attempt=attempt):
+                return [Notice(f"iteration {iteration}: invalid proposal (try {attempt}): "
+                               f"{_first_line(error)}", "warning")]
+            case ev.TrainingStarted(iteration=iteration, node_id=node_id, parent_id=parent,
+                                    mutation=mutation):
+                self.iteration, self.node_id, self.parent_id = iteration, node_id, parent
+                self.mutation = mutation or self.mutation
+                self.phase = Phase.TRAINING
+                self.step = self.steps = 0
+                self.review = None
+            case ev.TrainingProgress(iteration=iteration, step=step, total=total):
+                if iteration == self.iteration:  # a late update of a finished run is stale
+                    self.step, self.steps = step, total
+            case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
+                                 best_r2=best):
+                self.phase = Phase.RECORDING
+                self.last_r2 = finite(metrics.get("final_r2"))
+                best = finite(best)
+                if best is not None:
+                    self.best_r2 = best if self.best_r2 is None else max(self.best_r2, best)
+                if status != "done":
+                    return [Notice(f"node {node_id} {status}: {_first_line(error or '')}",
+                                   "warning")]
+            case ev.IterationSkipped(iteration=iteration, reason=reason):
+                return [Notice(f"iteration {iteration} skipped: {_first_line(reason)}",
+                               "warning")]
+            case ev.Paused(reason=reason):
+                self.paused, self.phase = reason, Phase.PAUSED
+                return [Notice(f"run paused: {reason}", "warning")]
+            case ev.Resumed():
+                self.paused = None
+                self.phase = Phase.PROPOSING
+            case ev.EngineError(message=message):
+                self.last_error = message
+                return [Notice(message, "error", title="engine")]
+            case ev.RunFinished(reason=reason, best_node=best_node, best_r2=best):
+                self.finished, self.phase = event, Phase.FINISHED
+                self.review = None
+                best = finite(best)
+                if best is not None:
+                    self.best_r2 = best
+                where = f"; best node {best_node}" if best_node is not None else ""
+                return [Notice(f"run finished: {reason}{where}", title="run")]
+        return self._apply_human_events(event)
+
+    def _apply_human_events(self, event: ev.Event) -> list[Notice]:
+        """Events about what humans do to the code (manual edits, reverts, edited versions)."""
+        match event:
+            case ev.ManualEditDetected(path=path, diff=diff, where=where):
+                self.manual_edits[path] = ManualEdit(path, diff, where)
+                return [Notice(f"manual edit of {path} ({where}) detected: review tab, "
+                               "m adopts, i ignores", "warning", title="manual edit")]
+            case ev.ManualEditResolved(path=path, adopted=adopted, node_id=node_id):
+                if path is None:
+                    self.manual_edits.clear()
+                else:
+                    self.manual_edits.pop(path, None)
+                what = f"adopted as node {node_id}" if adopted else "ignored"
+                return [Notice(f"manual edit {path or '(all)'} {what}")]
+            case ev.ProposalStale(iteration=iteration, path=path):
+                if self.review is not None and self.review.iteration == iteration:
+                    self.review.stale_paths.append(path)
+                return [Notice(f"the proposal of iteration {iteration} edits {path}, which a "
+                               "human changed meanwhile", "warning", title="stale proposal")]
+            case ev.EditedVersionInvalid(iteration=iteration, error=error):
+                if self.review is not None and self.review.iteration == iteration:
+                    self.review.edit_error = error
+                    self.review.awaiting = True
+                    self.phase = Phase.REVIEWING
+                return [Notice(f"your edited version was refused: {_first_line(error)}",
+                               "error", title=f"iteration {iteration}")]
+            case ev.NodeReverted(node_id=node_id, reverted_id=reverted):
+                return [Notice(f"node {node_id} reverts the code of node {reverted}")]
+            case ev.PolicyViolation(iteration=iteration, error=error):
+                return [Notice(f"iteration {iteration}: policy violation: {_first_line(error)}",
+                               "warning")]
+        return []
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines
+                                                                         else "")

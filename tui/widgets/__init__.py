@@ -1,0 +1,1 @@
+"""The widgets and views of the proctor app."""
