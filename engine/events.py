@@ -96,6 +96,15 @@ class IterationSkipped(Event):
 
 
 @dataclass(frozen=True)
+class AgentCost(Event):
+    """What the agent's answer for an iteration cost, and the run's total so far."""
+
+    iteration: int
+    cost_usd: float
+    total_usd: float
+
+
+@dataclass(frozen=True)
 class Paused(Event):
     reason: str
 

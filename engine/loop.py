@@ -13,9 +13,12 @@ queued (durably, in the journal) and take the next iteration number."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import errno
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +28,7 @@ from typing import Any
 import yaml
 
 from engine import events as ev
-from engine.agents.base import Agent, AgentContext, NodeSummary, Repair
+from engine.agents.base import Agent, AgentContext, AgentPaused, NodeSummary, Repair
 from engine.atomic import write_atomic
 from engine.config import ExperimentConfig
 from engine.edits import EditError, apply_edits, check_parses, unified_diff, validate_files
@@ -73,6 +76,12 @@ _STATUS_OF_RUN = {
     RunStatus.OK: NodeStatus.DONE,
     RunStatus.DIVERGED: NodeStatus.DIVERGED,
 }
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(exc) or "disk I/O error" in str(exc)
 
 
 class EngineError(Exception):
@@ -246,7 +255,11 @@ class Engine:
         self.settings = settings
         self.agent = agent
         self.journal = journal
+        attach_journal = getattr(agent, "attach_journal", None)
+        if attach_journal is not None:
+            attach_journal(journal)  # agents that store their exchanges (Claude) need it
         self.publish = publish
+        self._pause_reason: str | None = None
         self.exploration = config.exploration
         self.logs = RunLogs(run_dir, journal)
         if repo is None:
@@ -399,14 +412,17 @@ class Engine:
             self._stop_reason = command.reason
             return True
         if isinstance(command, ev.Pause):
-            self.journal.set_state("paused", command.reason)
-            self.journal.append_run_event(RunEvent.PAUSED, {"reason": command.reason})
-            self.publish(ev.Paused(command.reason))
+            self._pause(command.reason)
             return True
         if isinstance(command, ev.ResumeRun):
-            if self.journal.state("paused") is not None:
-                self.journal.set_state("paused", None)
-                self.journal.append_run_event(RunEvent.RESUMED, {})
+            if self._paused_reason() is not None:
+                try:
+                    self.journal.set_state("paused", None)
+                    self.journal.append_run_event(RunEvent.RESUMED, {})
+                except (OSError, sqlite3.Error) as exc:
+                    self.publish(ev.EngineError(f"cannot resume yet: {exc}"))
+                    return True
+                self._pause_reason = None
                 self.publish(ev.Resumed())
             return True
         if isinstance(command, ev.Revert):
@@ -434,12 +450,25 @@ class Engine:
                 self._commands.put_nowait(command)
             return pending[0] if pending else None
 
+    def _pause(self, reason: str) -> None:
+        """A durable pause (it survives a restart) that waits for ResumeRun; kept in memory
+        too, so a pause for a full disk holds even when the journal cannot take it."""
+        self._pause_reason = reason
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.journal.set_state("paused", reason)
+            self.journal.append_run_event(RunEvent.PAUSED, {"reason": reason})
+        self.publish(ev.Paused(reason))
+
+    def _paused_reason(self) -> str | None:
+        return self._pause_reason or self.journal.state("paused")
+
     async def _wait_while_paused(self) -> None:
-        reason = self.journal.state("paused")
+        reason = self._paused_reason()
         if reason is None:
             return
-        self.publish(ev.Paused(reason))
-        while self.journal.state("paused") is not None and self._stop_reason is None:
+        if self._pause_reason is None:
+            self.publish(ev.Paused(reason))  # paused before a restart
+        while self._paused_reason() is not None and self._stop_reason is None:
             command = await self._next_command()
             if command is not None:
                 self._handle_global(command)
@@ -577,13 +606,23 @@ class Engine:
                 reason = self._stop_condition(iteration)
                 if reason is not None:
                     break
-                await self._iteration(iteration)
-                iteration = self.journal.next_iteration()
+                try:
+                    await self._iteration(iteration)
+                except (OSError, sqlite3.Error) as exc:
+                    if not _disk_full(exc):
+                        raise
+                    self._pause(f"disk full while recording iteration {iteration} ({exc}); "
+                                f"free some space, then resume the run")
+                # a paused or interrupted iteration is re-entered, never skipped
+                iteration = self.journal.unfinished_iteration() or self.journal.next_iteration()
         finally:
             if watcher is not None:
                 await watcher.stop()
                 self._watcher = None
             await self.runner.aclose()
+            close_agent = getattr(self.agent, "aclose", None)
+            if close_agent is not None:
+                await close_agent()
         self._flush_analysis(next_parent=None, analysis="")
         best = self.tree.best_node()
         finished = ev.RunFinished(reason, best.id if best else None,
@@ -740,6 +779,9 @@ class Engine:
         context = self._context(iteration, attempt, repair, rejections)
         try:
             reply = await self.agent.propose(context)
+        except AgentPaused as exc:  # spend limit, budget cap, API unreachable: wait for a human
+            self._pause(exc.reason)
+            return None
         except Exception as exc:  # an agent failure skips the iteration, never the run
             self._skip(iteration, attempt, f"agent failed: {type(exc).__name__}: {exc}")
             return None
@@ -748,6 +790,9 @@ class Engine:
         self.journal.append(iteration, Step.PROPOSAL_STORED,
                             {"proposal": proposal.model_dump(mode="json"),
                              "cost_usd": reply.cost_usd}, attempt=attempt)
+        if reply.cost_usd:
+            total = (self.journal.state("agent_cost") or {}).get("usd_total", reply.cost_usd)
+            self.publish(ev.AgentCost(iteration, reply.cost_usd, total))
         self._flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
         return proposal, None
 

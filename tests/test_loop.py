@@ -3,6 +3,7 @@ journal, real files. The scripted agent decides; everything else is the producti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -261,3 +262,88 @@ async def test_second_engine_on_the_same_run_is_refused(project):
         assert sorted(p.name for p in (project / "log" / "r1").iterdir()) == before
     finally:
         first.close()
+
+
+class PausingAgent(ScriptedAgent):
+    """Hits a spend limit once at iteration 2, like the Claude agent on a 429 without
+    retry-after."""
+
+    paused_once = False
+
+    async def propose(self, context):
+        from engine.agents.base import AgentPaused
+
+        if context.iteration == 2 and not self.paused_once:
+            self.paused_once = True
+            raise AgentPaused("spend limit reached (429 without retry-after)")
+        return await super().propose(context)
+
+
+async def test_agent_pause_is_durable_and_resumes_the_same_iteration(project):
+    seen: list[ev.Event] = []
+
+    def publish(event):
+        seen.append(event)
+        if isinstance(event, ev.Paused):
+            with Journal.open_for_client(project / "log" / "r1") as client:
+                assert client.state("paused") == "spend limit reached (429 without retry-after)"
+                client.post_command("ResumeRun", {})
+
+    config = load_config(project / "configs" / "fake.yaml")
+    engine = Engine.create(project, config, settings(project, iterations=3), PausingAgent(),
+                           publish)
+    await engine.run()
+    engine.close()
+    assert [type(e).__name__ for e in seen].count("Paused") == 1
+    assert not any(isinstance(e, ev.IterationSkipped) for e in seen)
+    with Journal.open_for_client(project / "log" / "r1") as journal:
+        assert journal.completed_iterations() == [1, 2, 3]
+        assert journal.state("paused") is None
+
+
+def _mount_tmpfs(target: Path, size: str) -> bool:
+    target.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                             capture_output=True)
+    return mounted.returncode == 0
+
+
+async def test_disk_full_pauses_with_a_clear_message_and_the_journal_survives(tmp_path):
+    mount = tmp_path / "small"
+    if not _mount_tmpfs(mount, "16m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    try:
+        project = copy_fake(mount / "project")
+        filler = mount / "filler"
+        filled: list[bool] = []
+        seen: list[ev.Event] = []
+
+        def publish(event):
+            seen.append(event)
+            if isinstance(event, ev.NodeFinished) and event.node_id == 1 and not filled:
+                filled.append(True)
+                # take every free byte of the disk
+                with open(filler, "wb") as handle, contextlib.suppress(OSError):
+                    while True:
+                        handle.write(b"\0" * (1 << 16))
+                        handle.flush()
+            if isinstance(event, ev.Paused):
+                filler.unlink(missing_ok=True)
+                with Journal.open_for_client(project / "log" / "r1") as client:
+                    client.post_command("ResumeRun", {})
+
+        config = load_config(project / "configs" / "fake.yaml")
+        engine = Engine.create(project, config, settings(project, iterations=3),
+                               ScriptedAgent(), publish)
+        await engine.run()
+        engine.close()
+        paused = [e for e in seen if isinstance(e, ev.Paused)]
+        assert paused and "disk full" in paused[0].reason
+        with Journal.open_for_client(project / "log" / "r1") as journal:
+            assert journal.completed_iterations() == [1, 2, 3]
+            assert journal.unfinished_iterations() == []
+        analysis = (project / "log" / "r1" / "analysis.md").read_text()
+        headers = [line.split(":")[0] for line in analysis.splitlines() if line.startswith("## ")]
+        assert headers == ["## Iter 1", "## Iter 2", "## Iter 3"]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -237,13 +237,21 @@ def attach(run: str) -> int:
 
 def resume(run: str, *, iterations: int | None, echo_log: bool) -> int:
     from engine.headless import HeadlessPrinter
-    from engine.journal import JournalError
+    from engine.journal import Journal, JournalError, RunLockedError
     from engine.loop import Engine, EngineError
 
     run_dir = _run_dir(Path.cwd(), run)
     try:
         engine = Engine.reopen(run_dir, _agent_factory(None), HeadlessPrinter(echo_log=echo_log),
                                iterations=iterations)
+    except RunLockedError as exc:
+        # The engine is alive: a paused run is resumed in place, anything else is refused.
+        with Journal.open_for_client(run_dir) as journal:
+            if journal.state("paused") is None:
+                raise UsageError(str(exc)) from None
+            journal.post_command("ResumeRun", {})
+        print(f"asked the running engine of {run_dir.name} to resume")
+        return 0
     except (EngineError, JournalError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     engine.journal.set_state("paused", None)
