@@ -44,7 +44,7 @@ from engine.runner import (
     kill_orphan,
     make_runner,
 )
-from engine.tree import Node, NodeStatus, Tree, block_of
+from engine.tree import Node, NodeStatus, ScoreRow, Tree, block_of
 from engine.vcs import (
     Identity,
     Lineage,
@@ -277,7 +277,7 @@ class Engine:
         self._commands: asyncio.Queue[ev.Command] = asyncio.Queue()
         self._stop_reason: str | None = None
         self._started_at = time.monotonic()
-        self._changes: dict[int, dict[str, Any]] = {}
+        self._summary_cache: dict[int, NodeSummary] = {}
         self._reviewing: tuple[int, frozenset[str]] | None = None
         self._human: Identity | None = None
         self._resumed_at = journal.unfinished_iteration()
@@ -801,7 +801,8 @@ class Engine:
     ) -> AgentContext:
         size = self.exploration.block_size
         block = block_of(iteration, size)
-        candidates = tuple(row.node_id for row in self.tree.candidates(iteration))
+        candidate_rows = self.tree.candidates(iteration)
+        candidates = tuple(row.node_id for row in candidate_rows)
         score_table = self.tree.render_score_table(iteration)
         self.logs.write_scores(score_table)
         latest = max((node.id for node in self.tree), default=None)
@@ -819,7 +820,7 @@ class Engine:
             memory=self.logs.read_memory(),
             score_table=score_table,
             config=self.config,
-            nodes=tuple(self._summary(node, iteration) for node in self.tree),
+            nodes=self._summaries(iteration, candidate_rows),
             candidates=candidates,
             latest_log_tail=tail,
             rejections=tuple(rejections),
@@ -828,17 +829,29 @@ class Engine:
             attempt=attempt,
         )
 
-    def _summary(self, node: Node, iteration: int) -> NodeSummary:
-        changes = self._changes.get(node.id)
-        if changes is None:  # a node's config never changes: diff it against its parent once
-            changes = {key: new for key, (_, new) in
-                       config_changes(self._parent_config(node), node.config).items()}
-            self._changes[node.id] = changes
+    def _summaries(self, iteration: int, candidate_rows: list[ScoreRow]) -> tuple[NodeSummary, ...]:
+        """Every node as the agent sees it. Scores exist for the current block and the
+        candidates; other summaries only change with their node's status, so they are kept."""
+        scores = {row.node_id: row.score for row in self.tree.rows(iteration)}
+        scores.update((row.node_id, row.score) for row in candidate_rows)
+        summaries = []
+        for node in self.tree:
+            kept = self._summary_cache.get(node.id)
+            if node.id in scores or kept is None or kept.status != node.status:
+                kept = self._summary(node, scores.get(node.id) if node.finished else None)
+                if node.id not in scores:
+                    self._summary_cache[node.id] = kept
+            summaries.append(kept)
+        return tuple(summaries)
+
+    def _summary(self, node: Node, score: float | None) -> NodeSummary:
+        changes = {key: new for key, (_, new) in
+                   config_changes(self._parent_config(node), node.config).items()}
         return NodeSummary(
             id=node.id, parent_id=node.parent_id, block=node.block, status=str(node.status),
             strategy=node.strategy, mutation=node.mutation, code_changed=node.code_changed,
             config_changes=changes, config=node.config, metrics=dict(node.metrics),
-            score=self.tree.score(node.id, iteration) if node.finished else None,
+            score=score,
         )
 
     def _parent_config(self, node: Node) -> dict[str, Any]:
@@ -1054,7 +1067,7 @@ class Engine:
         current.config, current.commit = node.config, node.commit
         current.code_changed, current.mutation = node.code_changed, node.mutation
         current.strategy, current.author = node.strategy, node.author
-        self._changes.pop(node.id, None)
+        self._summary_cache.pop(node.id, None)
 
     def _proposal_time(self, iteration: int, attempt: int) -> float:
         """When this attempt's proposal was stored: the commit's fixed date."""
