@@ -80,6 +80,25 @@ class HeadlessPrinter:
                 return f"  node {node_id}: {status}, {detail}; best R2 so far {_r2(best)}"
             case ev.IterationSkipped(iteration=iteration, reason=reason):
                 return f"  iteration {iteration} skipped: {reason}"
+            case ev.AgentCost(cost_usd=cost, total_usd=total):
+                return f"  agent cost ${cost:.4f} (run total ${total:.2f})"
+            case ev.PolicyViolation(iteration=iteration, error=error):
+                return f"  policy violation in iteration {iteration}: {error}"
+            case ev.CodeCommitted(node_id=node_id, commit=commit):
+                return f"  node {node_id} code committed as {commit[:10]}"
+            case ev.NodeReverted(node_id=node_id, reverted_id=reverted):
+                return f"  node {node_id} reverts node {reverted} (its parent's code)"
+            case ev.ManualEditDetected(path=path, where=where, diff=diff):
+                return (f"manual edit of {path} in the {where}:\n{diff.rstrip()}\n"
+                        "  adopt it from the TUI, or leave it: nothing is overwritten")
+            case ev.ManualEditResolved(path=path, adopted=adopted, node_id=node_id):
+                verdict = f"adopted as node {node_id}" if adopted else "ignored"
+                return f"manual edit of {path or 'the editable files'} {verdict}"
+            case ev.ProposalStale(iteration=iteration, path=path):
+                return (f"  the proposal of iteration {iteration} is stale: {path} was edited "
+                        "by hand since; review it again")
+            case ev.EditedVersionInvalid(error=error):
+                return f"  the edited version is invalid, the proposal still waits: {error}"
             case ev.Paused(reason=reason):
                 return f"paused: {reason}  (proctor resume {self.run} to continue)"
             case ev.Resumed():

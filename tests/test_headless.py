@@ -1,0 +1,41 @@
+"""The headless printer: every event a human must act on becomes a readable line."""
+
+import io
+
+from engine import events as ev
+from engine.headless import HeadlessPrinter
+from engine.proposal import Proposal, Strategy
+
+
+def printed(*events: ev.Event) -> str:
+    stream = io.StringIO()
+    printer = HeadlessPrinter(stream, live=False)
+    for event in events:
+        printer(event)
+    return stream.getvalue()
+
+
+def test_a_waiting_proposal_says_how_to_decide():
+    proposal = Proposal(parent_id=3, strategy=Strategy.CODE_CHANGE, mutation="[code] clip")
+    text = printed(ev.RunOpened("r7", "/tmp/r7", 10),
+                   ev.ProposalReady(4, proposal, "--- a/x\n+++ b/x\n", "", True))
+    assert "parent=3 strategy=code-modification mutation=[code] clip" in text
+    assert "+++ b/x" in text
+    assert "proctor approve r7" in text and "proctor reject r7 --reason" in text
+
+
+def test_human_facing_events_are_printed():
+    text = printed(
+        ev.ManualEditDetected("models/trainer.py", "-a\n+b\n", "checkout"),
+        ev.ProposalStale(5, "models/trainer.py"),
+        ev.PolicyViolation(5, "'../x' is not an editable file"),
+        ev.Paused("spend limit reached"),
+        ev.NodeFinished(5, 5, "failed", {}, "exit code 1: boom", 0.8),
+        ev.AgentCost(5, 0.0123, 1.5),
+    )
+    assert "manual edit of models/trainer.py in the checkout" in text
+    assert "iteration 5 is stale" in text
+    assert "policy violation in iteration 5" in text
+    assert "paused: spend limit reached" in text
+    assert "node 5: failed, exit code 1: boom; best R2 so far 0.8000" in text
+    assert "agent cost $0.0123 (run total $1.50)" in text
