@@ -78,7 +78,6 @@ def measure(
     name: str, settings: ExperimentSettings, frames, device: str, eval_every: int, max_steps: int
 ) -> Measurement:
     """Train one config until R² >= TARGET_R2 or max_steps; time only the training."""
-    import torch
 
     from models import harness
     from models.data import field_samples
@@ -88,15 +87,7 @@ def measure(
     data = samples.to_device(device)
     channels = samples.values.shape[-1]
     siren, trainer = harness.import_editable()
-    torch.manual_seed(settings.training.seed)
-    model = siren.Siren(
-        in_features=3,
-        out_features=channels,
-        hidden_dim=settings.model.hidden_dim,
-        n_layers=settings.model.n_layers,
-        omega_0=settings.model.omega_0,
-        learnable_omega=settings.model.learnable_omega,
-    ).to(device)
+    model = harness.build_model(siren, settings, channels, device)
     clock = _Clock()
     last = {"step": 0, "r2": float("nan")}
 

@@ -167,6 +167,21 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def build_model(siren, settings, channels: int, device):
+    """The SIREN of the config's model section, seeded by the training seed, on `device`."""
+    import torch
+
+    torch.manual_seed(settings.training.seed)
+    return siren.Siren(
+        in_features=3,
+        out_features=channels,
+        hidden_dim=settings.model.hidden_dim,
+        n_layers=settings.model.n_layers,
+        omega_0=settings.model.omega_0,
+        learnable_omega=settings.model.learnable_omega,
+    ).to(device)
+
+
 def import_editable() -> tuple[ModuleType, ModuleType]:
     """models.siren and models.trainer as they are on disk now (never a cached copy)."""
     for name in EDITABLE_MODULES:
@@ -218,15 +233,7 @@ def _train_and_evaluate(
         f"in {time.perf_counter() - started:.1f}s"
     )
     siren, trainer = import_editable()
-    torch.manual_seed(settings.training.seed)
-    model = siren.Siren(
-        in_features=3,
-        out_features=channels,
-        hidden_dim=settings.model.hidden_dim,
-        n_layers=settings.model.n_layers,
-        omega_0=settings.model.omega_0,
-        learnable_omega=settings.model.learnable_omega,
-    ).to(device)
+    model = build_model(siren, settings, channels, device)
     result.metrics["total_params"] = sum(p.numel() for p in model.parameters())
     _say(
         f"training on {device} (torch threads {torch.get_num_threads()}): "
