@@ -16,6 +16,7 @@ _DIALOG_CSS = """
 }}
 {name} Horizontal {{ height: auto; align-horizontal: right; margin-top: 1; }}
 {name} Button {{ margin-left: 2; }}
+{name} Label {{ width: 100%; }}
 """
 
 

@@ -31,6 +31,8 @@ class RunView(Vertical):
     RunView #r2-chart { height: 3; }
     RunView #progress-row { height: 1; padding: 0 1; }
     RunView #progress-row Label { width: auto; margin-right: 1; }
+    RunView #train-progress { width: 1fr; }
+    RunView #train-progress Bar { width: 1fr; }
     RunView #live-log { height: 1fr; border-top: solid $primary-darken-2; }
     RunView #new-lines { dock: bottom; height: 1; background: $warning; color: $text;
                          display: none; padding: 0 1; }
