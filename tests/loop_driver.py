@@ -1,6 +1,7 @@
 """Runs the engine with the scripted agent in its own process (for crash/resume tests).
 
-usage: python tests/loop_driver.py PROJECT_ROOT RUN_NAME ITERATIONS [resume]"""
+usage: python tests/loop_driver.py PROJECT_ROOT RUN_NAME ITERATIONS [resume | APPROVAL]
+(APPROVAL: auto, the default, code or all)"""
 
 import asyncio
 import sys
@@ -16,13 +17,14 @@ from engine.loop import Engine, RunSettings  # noqa: E402
 
 def main() -> int:
     root, name, iterations = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    if len(sys.argv) > 4 and sys.argv[4] == "resume":
+    mode = sys.argv[4] if len(sys.argv) > 4 else "auto"
+    if mode == "resume":
         engine = Engine.reopen(root / "log" / name, lambda config, settings: ScriptedAgent())
     else:
         config_path = root / "configs" / "fake.yaml"
         config = load_config(config_path)
         settings = RunSettings(name=name, config_path=str(config_path), iterations=iterations,
-                               approval="auto", agent="scripted", runner="subprocess")
+                               approval=mode, agent="scripted", runner="subprocess")
         engine = Engine.create(root, config, settings, ScriptedAgent())
     try:
         asyncio.run(engine.run())

@@ -2,8 +2,7 @@
 as the engine; the app attaches, approves and detaches while the run goes on; `run
 --detach` leaves an engine of its own session behind, and `stop` ends it.
 
-Run as a script, this module is the engine process of those tests:
-    python tests/test_tui_attach.py PROJECT_ROOT RUN_NAME ITERATIONS APPROVAL"""
+The engine process of those tests is tests/loop_driver.py."""
 
 from __future__ import annotations
 
@@ -18,50 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from scripted_agent import ScriptedAgent
+
+from engine import events as ev
+from engine.attach import AttachedRun
+from engine.config import load_config
+from engine.journal import LOCK_FILE, Journal, RunEvent
+from engine.loop import Engine, RunSettings
+from tui.app import attached_app
+from tui.settings import TuiSettings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAKE = HERE / "fakeproject"
-
-
-def main() -> int:
-    """The engine, with the scripted agent, in its own process."""
-    import asyncio
-
-    sys.path.insert(0, str(HERE))
-    from scripted_agent import ScriptedAgent
-
-    from engine.config import load_config
-    from engine.loop import Engine, RunSettings
-
-    root, name, iterations, approval = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), \
-        sys.argv[4]
-    config_path = root / "configs" / "fake.yaml"
-    settings = RunSettings(name=name, config_path=str(config_path), iterations=iterations,
-                           approval=approval, agent="scripted", runner="subprocess")
-    engine = Engine.create(root, load_config(config_path), settings, ScriptedAgent())
-    try:
-        asyncio.run(engine.run())
-    finally:
-        engine.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# -- the tests (imported by pytest; the script above needs none of this) -------------------
-
-from scripted_agent import ScriptedAgent  # noqa: E402
-
-from engine import events as ev  # noqa: E402
-from engine.attach import AttachedRun  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.journal import LOCK_FILE, Journal, RunEvent  # noqa: E402
-from engine.loop import Engine, RunSettings  # noqa: E402
-from tui.app import attached_app  # noqa: E402
-from tui.settings import TuiSettings  # noqa: E402
 
 QUIET = TuiSettings(watch_files=False, show_clock=False, bell=False, toasts=False,
                     journal_poll_s=0.05)
@@ -75,9 +43,10 @@ def project(tmp_path: Path) -> Path:
 
 
 def start_engine(root: Path, name: str, iterations: int, approval: str) -> subprocess.Popen:
-    """The engine of run `name` in a process of its own (this module as a script)."""
+    """The engine of run `name` in a process of its own (tests/loop_driver.py)."""
     return subprocess.Popen(
-        [sys.executable, __file__, str(root), name, str(iterations), approval], cwd=REPO,
+        [sys.executable, str(HERE / "loop_driver.py"), str(root), name, str(iterations),
+         approval], cwd=REPO,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
