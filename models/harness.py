@@ -1,17 +1,26 @@
-"""The run entry point: trains through the editable code, evaluates the result itself.
+"""The run harness: the trusted entry point of every step of a run.
 
-    python -m models.harness --config CFG --results FILE [--data-cache DIR] [--device DEV]
+    python -m models.harness prepare --config CFG --data-cache DIR --split DIR [--seed N]
+    python -m models.harness train   --config CFG --data DIR --out DIR [--device DEV]
+    python -m models.harness predict --config CFG --data DIR --state DIR --out DIR [--device DEV]
+    python -m models.harness score   --config CFG --data DIR --state DIR --predictions DIR
+                                     [--train-seconds S]
     python -m models.harness --check CFG
 
-A run validates the experiment sections, loads or builds the dataset, builds
-`models.siren.Siren`, calls `models.trainer.train`, then evaluates the returned model here
-(trusted code) and writes {"status", "metrics", "hyperparameters", "error"} atomically to
-FILE, a path the editable code is not told about. Exit codes: 0 ok, 1 failed, 2 bad config,
+A run is split so that no edited code can reach the score (see `models/split.py`):
+*prepare* (trusted) builds or loads the cached simulation and writes the split; *train* runs
+the editable `models.trainer` on the training data only and saves the returned model's state
+as tensors only (safetensors: every parameter and buffer); *predict*, in a fresh process,
+builds `models.siren.Siren` from the config, loads that state and predicts the shuffled
+evaluation inputs, never seeing a target; *score* (trusted: no editable code is ever imported
+in it) computes every metric against the true values. prepare and score write
+{"status", "metrics", "hyperparameters", "error"} as JSON to file descriptor 3, a channel
+the train and predict processes are never given. Exit codes: 0 ok, 1 failed, 2 bad config,
 3 diverged. `--check` validates the config only (no torch import) and prints
 {"errors": [{"loc": [...], "msg": "..."}]}.
 
 A zygote child calls `main(argv)` directly, so the editable modules are imported afresh in
-`main`, and nothing carries over from an earlier call.
+every call, and nothing carries over from an earlier one.
 """
 
 from __future__ import annotations
@@ -21,15 +30,16 @@ import faulthandler
 import importlib
 import json
 import math
+import os
 import sys
-import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from models.settings import ExperimentSettings, SettingsError, load_settings
+from models.settings import FIELD_CHANNELS, ExperimentSettings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 EXPLOSION_FACTOR = 1e4  # a loss this many times the first one counts as diverged
@@ -83,8 +93,12 @@ class DivergenceWatchdog:
             raise Diverged(self.reason)
 
 
+class StepFailed(Exception):
+    """A step cannot go on; the message says why."""
+
+
 @dataclass
-class RunResult:
+class StepResult:
     status: str = "failed"  # ok | diverged | failed
     metrics: dict[str, float | int] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -125,30 +139,6 @@ def _exception_line(exc: BaseException) -> str:
     return traceback.format_exception_only(type(exc), exc)[-1].strip()
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m models.harness",
-        description="Train the SIREN on the MPM field of CONFIG and write trusted metrics.",
-    )
-    parser.add_argument("--config", type=Path, help="experiment config (YAML)")
-    parser.add_argument("--results", type=Path, help="where to write the results JSON")
-    parser.add_argument("--data-cache", type=Path, default=None, help="dataset cache folder")
-    parser.add_argument("--device", help="override training.device (auto, cpu, cuda, cuda:N)")
-    parser.add_argument("--check", type=Path, metavar="CONFIG", help="validate CONFIG only")
-    return parser
-
-
-def check(path: Path) -> int:
-    """Print the config's problems as JSON; 0 when there are none, 2 otherwise."""
-    try:
-        load_settings(path)
-        errors: list[dict[str, Any]] = []
-    except SettingsError as exc:
-        errors = [{"loc": list(loc), "msg": msg} for loc, msg in exc.errors]
-    print(json.dumps({"errors": errors}))
-    return EXIT_OK if not errors else EXIT_BAD_CONFIG
-
-
 def resolve_device(requested: str) -> str:
     import torch
 
@@ -182,17 +172,18 @@ def build_model(siren, settings, channels: int, device):
     ).to(device)
 
 
-def import_editable() -> tuple[ModuleType, ModuleType]:
-    """models.siren and models.trainer as they are on disk now (never a cached copy)."""
-    for name in EDITABLE_MODULES:
-        sys.modules.pop(name, None)
+def import_editable(name: str) -> ModuleType:
+    """An editable module (models.siren or models.trainer) as it is on disk now, never a
+    cached copy."""
+    for module in EDITABLE_MODULES:
+        sys.modules.pop(module, None)
     importlib.invalidate_caches()
-    return importlib.import_module("models.siren"), importlib.import_module("models.trainer")
+    return importlib.import_module(name)
 
 
 def predict(model: Any, coords: Any, channels: int) -> Any:
-    """The model's output on every training point (coords: (..., 3)), in chunks, no grad,
-    as a float64 numpy array of shape (..., channels)."""
+    """The model's output on `coords` ((..., 3) tensor), in chunks, no grad, as a float32
+    numpy array of shape (..., channels)."""
     import numpy as np
     import torch
 
@@ -204,7 +195,7 @@ def predict(model: Any, coords: Any, channels: int) -> Any:
             chunk = model(flat[start : start + EVAL_CHUNK_POINTS])
             if not isinstance(chunk, torch.Tensor):
                 raise TypeError(f"the model returned {type(chunk).__name__}, not a tensor")
-            outputs.append(chunk.detach().to("cpu", torch.float64))
+            outputs.append(chunk.detach().to("cpu", torch.float32))
     prediction = torch.cat(outputs).numpy()
     expected = (flat.shape[0], channels)
     if prediction.size != expected[0] * expected[1]:
@@ -212,64 +203,178 @@ def predict(model: Any, coords: Any, channels: int) -> Any:
     return np.asarray(prediction).reshape(*coords.shape[:-1], channels)
 
 
-def _train_and_evaluate(
-    settings: ExperimentSettings, args: argparse.Namespace, result: RunResult
-) -> None:
-    """Everything that can fail after the config is known good; fills `result` in place."""
+def channels_of(settings: ExperimentSettings) -> int:
+    return FIELD_CHANNELS[settings.dataset.field]
+
+
+# ---------------------------------------------------------------------------- steps
+
+STATE_FILE = "state.safetensors"
+PREDICTIONS_FILE = "predictions.npy"
+
+
+def prepare(settings: ExperimentSettings, args: argparse.Namespace, result: StepResult) -> None:
+    """Load (or simulate and cache) the frames and write the evaluation split."""
+    from models.data import DEFAULT_CACHE_DIR, load_frames
+    from models.split import make_split
+
+    frames = load_frames(settings.simulation, args.data_cache or DEFAULT_CACHE_DIR, log=_say)
+    split = make_split(frames, settings.dataset.field, settings.dataset.n_frames, args.seed)
+    split.write(args.split)
+    count, particles, channels = split.train_targets.shape
+    _say(
+        f"dataset ready: field {settings.dataset.field}, {count} training frames x {particles} "
+        f"particles ({channels} channel(s)); {int(split.heldout.sum())} held-out points"
+    )
+    result.status = "ok"
+
+
+def train(settings: ExperimentSettings, args: argparse.Namespace, result: StepResult) -> None:
+    """Train through the editable trainer on the training data; save the model's state."""
     import torch
 
-    from models.data import DEFAULT_CACHE_DIR, field_samples, load_frames
-    from models.metrics import NonFinitePrediction, fit_metrics
+    from models.data import TrainingData
+    from models.split import load_train
 
     device = resolve_device(args.device or settings.training.device)
-    started = time.perf_counter()
-    frames = load_frames(settings.simulation, args.data_cache or DEFAULT_CACHE_DIR, log=_say)
-    samples = field_samples(frames, settings.dataset.field, settings.dataset.n_frames)
-    data = samples.to_device(device)
-    count, particles, channels = samples.values.shape
-    _say(
-        f"dataset ready: field {samples.field}, {count} frames x {particles} particles "
-        f"({count * particles} points, {channels} channel(s)) "
-        f"in {time.perf_counter() - started:.1f}s"
-    )
-    siren, trainer = import_editable()
-    model = build_model(siren, settings, channels, device)
-    result.metrics["total_params"] = sum(p.numel() for p in model.parameters())
+    coords, targets = load_train(args.data)
+    data = TrainingData(torch.from_numpy(coords).to(device), torch.from_numpy(targets).to(device))
+    siren = import_editable("models.siren")
+    trainer = import_editable("models.trainer")
+    model = build_model(siren, settings, channels_of(settings), device)
     _say(
         f"training on {device} (torch threads {torch.get_num_threads()}): "
-        f"{result.metrics['total_params']} parameters, {settings.training.steps} steps"
+        f"{sum(p.numel() for p in model.parameters())} parameters, "
+        f"{settings.training.steps} steps, {coords.shape[0]} frames"
     )
     watchdog = DivergenceWatchdog()
-    started = time.perf_counter()
     try:
         trained = trainer.train(model, data, settings.training, watchdog)
     except Exception:
         if watchdog.reason is not None:  # the trainer wrapped the watchdog's exception
             raise Diverged(watchdog.reason) from None
         raise
-    finally:
-        elapsed = time.perf_counter() - started
-        result.metrics["training_time_s"] = elapsed
-        result.metrics["steps_per_s"] = watchdog.steps / elapsed if elapsed > 0 else 0.0
     if watchdog.reason is not None:
         raise Diverged(watchdog.reason)  # the trainer swallowed the watchdog's exception
     if not isinstance(trained, torch.nn.Module):
         raise TypeError(
             f"train() must return the model (an nn.Module), got {type(trained).__name__}"
         )
-    _say(f"evaluating on all {count} training frames")
-    prediction = predict(trained, data.coords, channels)
-    try:
-        metrics = fit_metrics(samples.denormalise(prediction), samples.truth)
-    except NonFinitePrediction as exc:
-        raise Diverged(str(exc)) from None
-    result.metrics.update(metrics.as_dict())
+    save_state(trained, args.out / STATE_FILE)
+    _say(f"saved the trained state to {STATE_FILE}")
     result.status = "ok"
 
 
-def run(args: argparse.Namespace) -> int:
-    """One training run; writes the results file and returns the exit code."""
-    result = RunResult()
+def save_state(model: Any, path: Path) -> None:
+    """Every parameter and buffer of `model`, as plain tensors (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().to("cpu").contiguous().clone()
+             for name, tensor in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def predict_step(
+    settings: ExperimentSettings, args: argparse.Namespace, result: StepResult
+) -> None:
+    """Build the node's model afresh, load the trained state, predict the evaluation inputs."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from models.split import load_eval_inputs
+
+    device = resolve_device(args.device or settings.training.device)
+    siren = import_editable("models.siren")
+    model = build_model(siren, settings, channels_of(settings), device)
+    model.load_state_dict(load_file(str(args.state / STATE_FILE), device=str(device)))
+    inputs = torch.from_numpy(load_eval_inputs(args.data)).to(device)
+    _say(f"predicting {inputs.shape[0]} evaluation points")
+    prediction = predict(model, inputs, channels_of(settings))
+    np.save(args.out / PREDICTIONS_FILE, prediction, allow_pickle=False)
+    result.status = "ok"
+
+
+def score(settings: ExperimentSettings, args: argparse.Namespace, result: StepResult) -> None:
+    """Every metric, from the predictions against the true values. Imports no editable code
+    and never unpickles: the state and the predictions are untrusted files."""
+    from models.metrics import NonFinitePrediction, fit_metrics
+    from models.split import load_score
+    from models.state import StateError, count_elements, load_predictions
+
+    truth = load_score(args.data)
+    try:
+        result.metrics["total_params"] = count_elements(args.state / STATE_FILE)
+        prediction = load_predictions(args.predictions / PREDICTIONS_FILE, truth.truth.shape)
+    except StateError as exc:
+        raise StepFailed(str(exc)) from None
+    values = prediction.astype("float64") * truth.std + truth.mean
+    seen = ~truth.heldout
+    try:
+        metrics = fit_metrics(values[seen], truth.truth[seen])
+        heldout = fit_metrics(values[truth.heldout], truth.truth[truth.heldout]) \
+            if truth.heldout.any() else None
+    except NonFinitePrediction as exc:
+        raise Diverged(str(exc)) from None
+    result.metrics.update(metrics.as_dict())
+    if heldout is not None:
+        result.metrics["heldout_r2"] = heldout.final_r2
+    if args.train_seconds is not None:
+        result.metrics["training_time_s"] = args.train_seconds
+        result.metrics["steps_per_s"] = settings.training.steps / max(args.train_seconds, 1e-9)
+    result.status = "ok"
+
+
+Step = Callable[[ExperimentSettings, argparse.Namespace, StepResult], None]
+STEPS: dict[str, Step] = {"prepare": prepare, "train": train, "predict": predict_step,
+                          "score": score}
+REPORTING_STEPS = ("prepare", "score")  # the trusted steps, which hold the results channel
+RESULTS_FD = 3
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.harness",
+        description="One step of a run of the SIREN on the MPM field of CONFIG.",
+    )
+    parser.add_argument("--check", type=Path, metavar="CONFIG", help="validate CONFIG only")
+    steps = parser.add_subparsers(dest="step", metavar="STEP")
+    for name, step in STEPS.items():
+        sub = steps.add_parser(name, help=(step.__doc__ or "").split("\n")[0])
+        sub.add_argument("--config", type=Path, required=True, help="experiment config (YAML)")
+        if name == "prepare":
+            sub.add_argument("--data-cache", type=Path, default=None, help="simulation cache")
+            sub.add_argument("--split", type=Path, required=True, help="where the split goes")
+            sub.add_argument("--seed", type=int, default=0, help="shuffles the eval points")
+            continue
+        sub.add_argument("--data", type=Path, required=True, help="this step's part of the split")
+        if name in ("train", "predict"):
+            sub.add_argument("--out", type=Path, required=True, help="where outputs go")
+            sub.add_argument("--device", help="override training.device (auto, cpu, cuda:N)")
+        if name in ("predict", "score"):
+            sub.add_argument("--state", type=Path, required=True, help="train's output folder")
+        if name == "score":
+            sub.add_argument("--predictions", type=Path, required=True,
+                             help="predict's output folder")
+            sub.add_argument("--train-seconds", type=float, default=None,
+                             help="the train step's wall time, as the supervisor measured it")
+    return parser
+
+
+def check(path: Path) -> int:
+    """Print the config's problems as JSON; 0 when there are none, 2 otherwise."""
+    try:
+        load_settings(path)
+        errors: list[dict[str, Any]] = []
+    except SettingsError as exc:
+        errors = [{"loc": list(loc), "msg": msg} for loc, msg in exc.errors]
+    print(json.dumps({"errors": errors}))
+    return EXIT_OK if not errors else EXIT_BAD_CONFIG
+
+
+def run_step(args: argparse.Namespace) -> int:
+    """One step; the trusted ones report on the results channel. Returns the exit code."""
+    result = StepResult()
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
@@ -277,26 +382,33 @@ def run(args: argparse.Namespace) -> int:
         code = EXIT_BAD_CONFIG
     else:
         result.hyperparameters = hyperparameters(settings)
-        code = _guarded_run(settings, args, result)
-    _say(
-        f"result: status {result.status} "
-        + " ".join(f"{key} {_short(value)}" for key, value in result.metrics.items())
-        + (f" error {result.error}" if result.error else "")
-    )
-    try:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        from models.atomic import write_atomic
-
-        write_atomic(args.results, result.to_json().encode())
-    except OSError as exc:
-        print(f"[harness] cannot write the results to {args.results}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = _guarded(STEPS[args.step], settings, args, result)
+    if result.error:
+        print(f"[harness] {args.step}: {result.error}", file=sys.stderr, flush=True)
+    if args.step in REPORTING_STEPS:
+        _say(
+            f"{args.step}: status {result.status} "
+            + " ".join(f"{key} {_short(value)}" for key, value in result.metrics.items())
+        )
+        if not _report(result):
+            return EXIT_FAILED
     return code
 
 
-def _guarded_run(settings: ExperimentSettings, args: argparse.Namespace, result: RunResult) -> int:
+def _report(result: StepResult) -> bool:
     try:
-        _train_and_evaluate(settings, args, result)
+        with os.fdopen(RESULTS_FD, "wb", closefd=True) as channel:
+            channel.write(result.to_json().encode())
+    except OSError as exc:
+        print(f"[harness] cannot write the results to fd {RESULTS_FD}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _guarded(step: Step, settings: ExperimentSettings, args: argparse.Namespace,
+             result: StepResult) -> int:
+    try:
+        step(settings, args, result)
         return EXIT_OK
     except Diverged as exc:
         result.status, result.error = "diverged", f"diverged: {exc}"
@@ -304,6 +416,9 @@ def _guarded_run(settings: ExperimentSettings, args: argparse.Namespace, result:
     except BadRuntimeConfig as exc:
         result.status, result.error = "failed", f"bad config: training.device: {exc}"
         return EXIT_BAD_CONFIG
+    except StepFailed as exc:
+        result.status, result.error = "failed", str(exc)
+        return EXIT_FAILED
     except (Exception, SystemExit) as exc:  # editable code may also call sys.exit
         traceback.print_exc(file=sys.stderr)
         result.status, result.error = "failed", _exception_line(exc)
@@ -326,10 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_CONFIG
     if args.check is not None:
         return check(args.check)
-    if args.config is None or args.results is None:
-        print("[harness] --config and --results are both required (or --check)", file=sys.stderr)
+    if args.step is None:
+        parser.print_usage(sys.stderr)
+        print("[harness] name a step (prepare, train, predict, score) or --check CONFIG",
+              file=sys.stderr)
         return EXIT_BAD_CONFIG
-    return run(args)
+    for name in ("out",):
+        folder = getattr(args, name, None)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    return run_step(args)
 
 
 if __name__ == "__main__":
