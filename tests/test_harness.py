@@ -9,17 +9,24 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from models.harness import METRIC_KEYS
+from models.data import load_frames, training_frame_indices
+from models.harness import METRIC_KEYS, STATE_FILE
+from models.settings import load_settings
+from models.split import (
+    heldout_frame_indices,
+    load_eval_inputs,
+    load_score,
+    load_train,
+    make_split,
+)
+from models.state import StateError, count_elements, load_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "multimaterial_1_discs_3types.yaml"
-
-
-def results_of(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def trainer_source(body: str) -> str:
@@ -32,17 +39,30 @@ def write_trainer(workspace: Path, body: str) -> None:
     (workspace / "models" / "trainer.py").write_text(trainer_source(body))
 
 
-def test_end_to_end_on_the_tiny_config(run_harness, tiny_config, tmp_path):
-    results = tmp_path / "out" / "results.json"
-    done = run_harness("--config", tiny_config, "--results", results)
-    assert done.returncode == 0, done.stderr
-    body = results_of(results)
+def tiny_params(hidden: int = 16, layers: int = 2) -> int:
+    """Parameters of the tiny SIREN plus one omega buffer per sine layer."""
+    return (3 * hidden + hidden) + (layers - 1) * (hidden * hidden + hidden) + (hidden + 1) + layers
+
+
+def test_four_steps_end_to_end_on_the_tiny_config(harness_steps):
+    prepared = harness_steps.prepare()
+    assert prepared.returncode == 0, prepared.stderr
+    assert harness_steps.results("prepare")["status"] == "ok"
+    trained = harness_steps.train()
+    assert trained.returncode == 0, trained.stderr
+    assert "step 40/40 loss " in trained.stdout and "[harness] training on cpu" in trained.stdout
+    predicted = harness_steps.predict()
+    assert predicted.returncode == 0, predicted.stderr
+    scored = harness_steps.score(train_seconds=4.0)
+    assert scored.returncode == 0, scored.stderr
+    body = harness_steps.results("score")
     assert body["status"] == "ok" and body["error"] is None
-    assert set(METRIC_KEYS) <= body["metrics"].keys()
-    assert all(math.isfinite(body["metrics"][key]) for key in METRIC_KEYS)
-    assert body["metrics"]["final_r2"] <= 1.0
-    assert body["metrics"]["total_params"] == (3 * 16 + 16) + (16 * 16 + 16) + (16 + 1)
-    assert body["metrics"]["steps_per_s"] > 0
+    assert {*METRIC_KEYS, "heldout_r2"} <= body["metrics"].keys()
+    assert all(math.isfinite(value) for value in body["metrics"].values())
+    assert body["metrics"]["final_r2"] <= 1.0 and body["metrics"]["heldout_r2"] <= 1.0
+    assert body["metrics"]["total_params"] == tiny_params()
+    assert body["metrics"]["training_time_s"] == 4.0
+    assert body["metrics"]["steps_per_s"] == 40 / 4.0
     assert body["hyperparameters"] == {
         "hidden_dim": 16,
         "n_layers": 2,
@@ -54,17 +74,40 @@ def test_end_to_end_on_the_tiny_config(run_harness, tiny_config, tmp_path):
         "field": "Jp",
         "n_frames": 8,
     }
-    for line in (
-        "[harness] dataset ready",
-        "[harness] training on cpu",
-        "step 40/40 loss ",
-        "[harness] evaluating",
-        "[harness] result: status ok",
-    ):
-        assert line in done.stdout
 
 
-def test_nan_loss_stops_the_run_as_diverged(run_harness, tiny_config, models_workspace, tmp_path):
+def test_the_split_gives_each_step_only_its_part(harness_steps):
+    assert harness_steps.prepare(seed=5).returncode == 0
+    split = harness_steps.folder("split")
+    assert sorted(p.name for p in (split / "eval").iterdir()) == ["inputs.npy"]
+    coords, targets = load_train(split / "train")
+    inputs = load_eval_inputs(split / "eval")
+    truth = load_score(split / "score")
+    settings = load_settings(harness_steps.config)
+    frames = load_frames(settings.simulation, harness_steps.data_cache)
+    training = training_frame_indices(frames.position.shape[0], settings.dataset.n_frames)
+    heldout = heldout_frame_indices(training)
+    assert len(heldout) > 0 and not set(heldout) & set(training)
+    particles = frames.position.shape[1]
+    assert coords.shape == (len(training), particles, 3) and targets.shape[:2] == coords.shape[:2]
+    assert inputs.shape == ((len(training) + len(heldout)) * particles, 3)
+    assert int(truth.heldout.sum()) == len(heldout) * particles
+    # shuffled: not in frame order, and a different seed shuffles differently
+    assert not np.array_equal(inputs[:particles], coords[0])
+    again = harness_steps.folder("again")
+    make_split(frames, "Jp", settings.dataset.n_frames, 6).write(again)
+    assert not np.array_equal(load_eval_inputs(again / "eval"), inputs)
+    # the training targets are the truth of the training points, normalised
+    seen = ~truth.heldout
+    order = np.lexsort(inputs[seen].T)
+    flat = coords.reshape(-1, 3)
+    reference = np.lexsort(flat.T)
+    assert np.allclose(flat[reference], inputs[seen][order])
+    normalised = (truth.truth[seen][order] - truth.mean) / truth.std
+    assert np.allclose(targets.reshape(-1, 1)[reference], normalised, atol=1e-5)
+
+
+def test_nan_loss_stops_training_as_diverged(harness_steps, models_workspace):
     write_trainer(
         models_workspace,
         """
@@ -73,29 +116,60 @@ def test_nan_loss_stops_the_run_as_diverged(run_harness, tiny_config, models_wor
         raise AssertionError("the watchdog should have stopped training")
     """,
     )
-    results = tmp_path / "results.json"
-    done = run_harness("--config", tiny_config, "--results", results, cwd=models_workspace)
+    harness_steps.workspace = models_workspace
+    assert harness_steps.prepare().returncode == 0
+    done = harness_steps.train()
     assert done.returncode == 3, done.stderr
-    body = results_of(results)
-    assert body["status"] == "diverged" and "loss is nan at step 3" in body["error"]
-    assert body["metrics"]["total_params"] > 0 and "final_r2" not in body["metrics"]
+    assert "diverged: loss is nan at step 3" in done.stderr
+    assert not (harness_steps.folder("train_out") / STATE_FILE).exists()
 
 
-def test_trainer_that_raises_fails_with_its_error(
-    run_harness, tiny_config, models_workspace, tmp_path
+def test_nan_weights_score_as_diverged(harness_steps, models_workspace):
+    write_trainer(models_workspace, "report(1, 1.0)\nwith torch.no_grad():\n"
+                  "    for p in model.parameters():\n        p.fill_(math.nan)\nreturn model\n")
+    harness_steps.workspace = models_workspace
+    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
+        assert step().returncode == 0
+    assert harness_steps.score().returncode == 3
+    body = harness_steps.results("score")
+    assert body["status"] == "diverged" and "not finite" in body["error"]
+
+
+def test_a_model_that_stores_the_targets_cannot_be_loaded_for_predict(
+    harness_steps, models_workspace
 ):
+    write_trainer(models_workspace, "model.register_buffer('table', data.targets.clone())\n"
+                  "report(1, 1.0)\nreturn model\n")
+    harness_steps.workspace = models_workspace
+    for step in (harness_steps.prepare, harness_steps.train):
+        assert step().returncode == 0
+    done = harness_steps.predict()
+    assert done.returncode == 1 and "Unexpected key(s) in state_dict: \"table\"" in done.stderr
+
+
+def test_a_trainer_that_raises_fails_with_its_error(harness_steps, models_workspace):
     write_trainer(models_workspace, 'raise RuntimeError("boom in the trainer")\n')
-    results = tmp_path / "results.json"
-    done = run_harness("--config", tiny_config, "--results", results, cwd=models_workspace)
+    harness_steps.workspace = models_workspace
+    assert harness_steps.prepare().returncode == 0
+    done = harness_steps.train()
     assert done.returncode == 1
-    body = results_of(results)
-    assert body["status"] == "failed" and body["error"] == "RuntimeError: boom in the trainer"
-    assert "Traceback" in done.stderr and "boom in the trainer" in done.stderr
+    assert "[harness] train: RuntimeError: boom in the trainer" in done.stderr
+    assert "Traceback" in done.stderr
 
 
-# Each case: a trainer body, the expected exit code and a fragment of the error. They run in
-# one process calling main() again and again, as a zygote child would, so this also checks
-# that every call imports the trainer afresh.
+def test_the_scorer_imports_no_editable_code(harness_steps, models_workspace):
+    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
+        assert step().returncode == 0
+    for name in ("siren.py", "trainer.py"):
+        (models_workspace / "models" / name).write_text("raise SystemExit('imported!')\n")
+    harness_steps.workspace = models_workspace
+    assert harness_steps.score().returncode == 0
+    assert harness_steps.results("score")["status"] == "ok"
+
+
+# Each case: a trainer body, the expected exit code of the train step and a fragment of its
+# error. They run in one process calling main() again and again, as a zygote child would, so
+# this also checks that every call imports the trainer afresh.
 CASES = {
     "swallowed": (
         "try:\n    report(1, 1.0); report(2, math.inf)\nexcept Exception:\n    pass\n"
@@ -110,23 +184,16 @@ CASES = {
         "loss is nan",
     ),
     "explodes": ("report(1, 1.0)\nreport(2, 2.0e4)\nreturn model\n", 3, "exploded"),
-    "nan_weights": (
-        "report(1, 1.0)\nwith torch.no_grad():\n    for p in model.parameters():\n"
-        "        p.fill_(math.nan)\nreturn model\n",
-        3,
-        "not finite",
-    ),
     "returns_none": ("report(1, 1.0)\n", 1, "must return the model"),
     "exits": ("raise SystemExit(0)\n", 1, "SystemExit"),
     "fine": ("report(1, 1.0)\nreturn model\n", 0, None),
 }
 
 
-def test_each_call_of_main_imports_the_editable_code_afresh(
-    tiny_config, models_workspace, models_data_cache
-):
+def test_each_call_of_main_imports_the_editable_code_afresh(harness_steps, models_workspace):
+    assert harness_steps.prepare().returncode == 0
     script = textwrap.dedent(f"""
-        import json, sys
+        import contextlib, json, sys, tempfile
         from pathlib import Path
         sys.path.insert(0, {str(models_workspace)!r})
         from models.harness import main
@@ -134,17 +201,19 @@ def test_each_call_of_main_imports_the_editable_code_afresh(
         trainer = Path({str(models_workspace)!r}) / "models" / "trainer.py"
         for name, source in sources.items():
             trainer.write_text(source)
-            results = Path(sys.argv[2]) / (name + ".json")
-            code = main(["--config", {str(tiny_config)!r}, "--results", str(results),
-                         "--data-cache", {str(models_data_cache)!r}])
-            print("CASE", name, code, json.loads(results.read_text())["error"], flush=True)
+            with tempfile.TemporaryFile("w+") as errors, contextlib.redirect_stderr(errors):
+                code = main(["train", "--config", {str(harness_steps.config)!r}, "--data",
+                             {str(harness_steps.folder("split") / "train")!r}, "--out",
+                             {str(harness_steps.folder("train_out"))!r}])
+                errors.seek(0)
+                text = errors.read()
+            lines = [l for l in text.splitlines() if l.startswith("[harness]")]
+            print("CASE", name, code, lines[-1] if lines else "None", flush=True)
     """)
     # the bodies differ in length, so even a same-second rewrite never reuses stale bytecode
     sources = {name: trainer_source(body) for name, (body, _, _) in CASES.items()}
-    out_dir = models_workspace / "out"
-    out_dir.mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(sources), str(out_dir)],
+        [sys.executable, "-c", script, json.dumps(sources)],
         cwd=models_workspace,
         capture_output=True,
         text=True,
@@ -160,22 +229,46 @@ def test_each_call_of_main_imports_the_editable_code_afresh(
         assert (fragment in error) if fragment else error == "None", seen[name]
 
 
-def test_bad_config_in_a_run_exits_2_with_a_results_file(run_harness, tiny_config, tmp_path):
+def test_a_bad_config_exits_2_and_the_trusted_steps_say_why(harness_steps, tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text(tiny_config.read_text().replace("hidden_dim: 16", "hidden_dim: -4"))
-    results = tmp_path / "results.json"
-    done = run_harness("--config", config, "--results", results)
-    assert done.returncode == 2
-    body = results_of(results)
+    config.write_text(harness_steps.config.read_text().replace("hidden_dim: 16", "hidden_dim: -4"))
+    harness_steps.config = config
+    assert harness_steps.train().returncode == 2
+    assert harness_steps.prepare().returncode == 2
+    body = harness_steps.results("prepare")
     assert body["status"] == "failed" and body["error"].startswith("bad config: model.hidden_dim")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_asked_for_without_cuda_is_a_bad_config(run_harness, tiny_config, tmp_path):
-    results = tmp_path / "results.json"
-    done = run_harness("--config", tiny_config, "--results", results, "--device", "cuda")
-    assert done.returncode == 2
-    assert "CUDA is not available" in results_of(results)["error"]
+def test_cuda_asked_for_without_cuda_is_a_bad_config(harness_steps):
+    assert harness_steps.prepare().returncode == 0
+    done = harness_steps.train("--device", "cuda")
+    assert done.returncode == 2 and "CUDA is not available" in done.stderr
+
+
+def test_malformed_state_and_predictions_are_refused_by_the_scorer(tmp_path):
+    from safetensors.numpy import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": np.zeros((3, 4), np.float32), "table": np.zeros(10, np.int64)}, str(good))
+    assert count_elements(good) == 22
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(good.read_bytes() + b"hidden tensor bytes")
+    with pytest.raises(StateError, match="belong to no tensor"):
+        count_elements(padded)
+    with pytest.raises(StateError, match="too short"):
+        (tmp_path / "short").write_bytes(b"abc")
+        count_elements(tmp_path / "short")
+    with pytest.raises(StateError, match="saved no model state"):
+        count_elements(tmp_path / "missing")
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(StateError, match="unreadable"):
+        load_predictions(objects, (1,))
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 1), np.float32))
+    with pytest.raises(StateError, match="expected"):
+        load_predictions(wrong, (5, 1))
 
 
 def check(run_harness, path: Path) -> tuple[int, list[dict]]:

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -631,7 +632,7 @@ def few_steps_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          TEMPLATES)], ids=lambda names: " + ".join(names) if len(names) < 3
                          else "all stacked")
 def test_templates_train_the_tiny_config_through_the_real_harness(
-    names, few_steps_config, models_workspace, run_harness
+    names, few_steps_config, models_workspace, harness_steps
 ):
     files = dict(REAL_FILES)
     for template in (t for t in TEMPLATES if t.name in names):
@@ -644,10 +645,10 @@ def test_templates_train_the_tiny_config_through_the_real_harness(
          "print(u.find_spec('models.trainer').origin)"],
         cwd=models_workspace, capture_output=True, text=True, timeout=60)
     assert Path(where.stdout.strip()) == models_workspace / "models" / "trainer.py"
-    results_path = models_workspace / "results.json"
-    completed = run_harness("--config", few_steps_config, "--results", results_path,
-                            cwd=models_workspace)
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-    results = json.loads(results_path.read_text(encoding="utf-8"))
+    steps = replace(harness_steps, config=few_steps_config, workspace=models_workspace)
+    for step in (steps.prepare, steps.train, steps.predict, steps.score):
+        completed = step()
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    results = steps.results("score")
     assert results["status"] == "ok", results
     assert results["metrics"]["final_mse"] is not None
