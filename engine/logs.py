@@ -190,9 +190,11 @@ def _metrics_line(node: Node, error: str | None) -> str:
     metrics = node.metrics
     seconds = metrics.get("training_time_s")
     minutes = seconds / 60 if seconds is not None else metrics.get("training_time_min")
+    heldout = metrics.get("heldout_r2")
     return (
         f"final_r2={_fixed(metrics.get('final_r2'))}, "
-        f"final_mse={_format_mse(metrics.get('final_mse'))}, "
+        + (f"heldout_r2={_fixed(heldout)}, " if heldout is not None else "")
+        + f"final_mse={_format_mse(metrics.get('final_mse'))}, "
         f"slope={_fixed(metrics.get('slope'))}, "
         f"training_time={_fixed(minutes, 1)}min"
     )

@@ -32,13 +32,13 @@ from engine.agents.base import Agent, AgentContext, AgentPaused, NodeSummary, Re
 from engine.atomic import write_atomic
 from engine.config import ExperimentConfig
 from engine.edits import EditError, apply_edits, check_parses, unified_diff, validate_files
+from engine.evaluation import EvaluationPlan, evaluate
 from engine.journal import Journal, RunEvent, Step
 from engine.logs import RunLogs, log_tail
 from engine.proposal import CodeChange, Proposal, Strategy
 from engine.runner import (
     ProcessIdentity,
     Runner,
-    RunRequest,
     RunResult,
     RunStatus,
     kill_orphan,
@@ -1099,31 +1099,27 @@ class Engine:
         if stored is not None:
             return RunResult.from_dict(stored["result"])
         node_dir = self.logs.node_dir(iteration)
+        node_dir.mkdir(parents=True, exist_ok=True)
         commit = node.commit or self._commit_of(node.parent_id)
         if self._watcher is not None:  # an edit not reported yet must not vanish in the rebuild
             self._watcher.check_now(WORKSPACE)
         self.manual.expect_workspace(node.id, self.code.files_at_commit(commit))
-        workspace = self.code.materialise(commit, self.run_dir / "workspace")
-        results = node_dir / "results.json"
-        results.unlink(missing_ok=True)
-        request = RunRequest(
-            workspace=workspace,
-            config_path=self.logs.write_config_snapshot(iteration, node.config | {
-                "exploration": self.config.exploration.model_dump(mode="json")}),
-            results_path=results,
-            log_path=node_dir / "training.log",
-            harness=self.exploration.harness,
-            extra_args=("--data-cache", str(self.project_root / "log" / "cache" / "data")),
-            timeouts=self.exploration.timeouts,
-            limits=self.exploration.limits,
-        )
+        self.code.materialise(commit, self.run_dir / "workspace")  # the humans' view of it
+        config_path = self.logs.write_config_snapshot(iteration, node.config | {
+            "exploration": self.config.exploration.model_dump(mode="json")})
         self.tree.update(iteration, status=NodeStatus.RUNNING)
 
-        def started(identity: ProcessIdentity) -> None:
+        steps_started = 0
+
+        def started(identity: ProcessIdentity) -> None:  # once per step of the run
+            nonlocal steps_started
             self.journal.set_state("active_run", asdict(identity))
-            self.journal.append(iteration, Step.RUN_STARTED, asdict(identity), attempt=attempt)
-            self.publish(ev.TrainingStarted(iteration, node.id, node.parent_id, node.mutation,
-                                            identity.pid))
+            steps_started += 1
+            if steps_started == 1:
+                self.journal.append(iteration, Step.RUN_STARTED, asdict(identity),
+                                    attempt=attempt)
+                self.publish(ev.TrainingStarted(iteration, node.id, node.parent_id,
+                                                node.mutation, identity.pid))
 
         def output(lines: list[str]) -> None:
             self.publish(ev.LogLines(iteration, tuple(lines)))
@@ -1135,7 +1131,11 @@ class Engine:
 
         watcher = asyncio.create_task(self._watch_during_run())
         try:
-            result = await self.runner.run(request, on_output=output, on_started=started)
+            result = await evaluate(
+                self.runner, self._evaluation_plan(), self.run_dir / "sandbox",
+                lambda folder: self.code.materialise(commit, folder),
+                config_path.read_text(encoding="utf-8"), node_dir / "training.log",
+                seed=iteration, on_output=output, on_started=started)
         finally:
             watcher.cancel()
         self.journal.set_state("active_run", None)
@@ -1143,6 +1143,16 @@ class Engine:
             self.journal.append(iteration, Step.RUN_FINISHED, {"result": result.to_dict()},
                                 attempt=attempt)
         return result
+
+    def _evaluation_plan(self) -> EvaluationPlan:
+        key_file = self.config.exploration.anthropic.key_file
+        return EvaluationPlan(
+            harness=self.exploration.harness,
+            data_cache=self.project_root / "log" / "cache" / "data",
+            timeouts=self.exploration.timeouts,
+            limits=self.exploration.limits,
+            hide=(Path(key_file).expanduser(),) if key_file else (),
+        )
 
     async def _watch_during_run(self) -> None:
         """Handle stop (and queue the rest) while a training run is going."""

@@ -219,7 +219,17 @@ def test_sigkill_at_every_journal_step_resumes_without_loss(project, step):
     assert (run_dir / "reasoning.log").read_text().count("=== Iteration 2 ===") == 1
 
 
-def test_restart_kills_the_orphaned_training_and_reruns_it(project):
+def run_processes(marker: str) -> list[int]:
+    """Live processes whose command line mentions `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+def test_a_killed_engine_takes_its_training_along_and_resume_reruns_it(project):
     config = project / "configs" / "fake.yaml"
     config.write_text(config.read_text().replace("seed: 0", "seed: 0\n  step_sleep: 0.2")
                       .replace("steps: 3", "steps: 40"))
@@ -227,25 +237,20 @@ def test_restart_kills_the_orphaned_training_and_reruns_it(project):
     engine = subprocess.Popen(
         [sys.executable, str(HERE / "loop_driver.py"), str(project), "r1", "1"], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pid_file = run_dir / "workspace" / "harness.pid"
+    started = run_dir / "sandbox" / "train" / "harness.started"
     deadline = time.monotonic() + 60
-    while not pid_file.exists() and time.monotonic() < deadline:
+    while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    orphan = int(pid_file.read_text())
+    marker = str(run_dir / "sandbox" / "train_out")
+    assert run_processes(marker), "the training step is not running"
     engine.kill()
     engine.wait()
-    os.kill(orphan, 0)  # the training survived its supervisor
+    deadline = time.monotonic() + 10
+    while run_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_processes(marker) == [], "the training outlived its supervisor"
     resumed = drive(project, "r1", 1, "resume")
     assert resumed.returncode == 0, resumed.stderr
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(orphan, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the orphaned training process is still alive")
     with Journal.open_for_client(run_dir) as journal:
         assert journal.completed_iterations() == [1]
         starts = [e for e in journal.events(1) if e.step == Step.RUN_STARTED]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from engine.config import (
 )
 from tui.cli import UsageError
 
-METRIC_ORDER = ("final_r2", "pearson_r2", "slope", "final_mse", "training_time_s",
+METRIC_ORDER = ("final_r2", "heldout_r2", "pearson_r2", "slope", "final_mse", "training_time_s",
                 "steps_per_s", "total_params")
 
 
@@ -46,25 +47,29 @@ def _format_metric(name: str, value: object) -> str:
 
 
 def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) -> int:
-    """Run the harness once on the config, in an isolated process, and print its metrics."""
-    from engine.runner import RunRequest, RunStatus, make_runner
+    """Run the config once through the four sandboxed steps and print the scorer's metrics."""
+    from engine.evaluation import EvaluationPlan, evaluate
+    from engine.runner import RunStatus, make_runner
 
     config, root = _load(config_path)
     out_dir = root / "log" / "train" / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    extra = ["--data-cache", str(root / "log" / "cache" / "data")]
-    if device:
-        extra += ["--device", device]
-    request = RunRequest(
-        workspace=root,
-        config_path=config_path.resolve(),
-        results_path=out_dir / "results.json",
-        log_path=out_dir / "training.log",
-        harness=config.exploration.harness,
-        extra_args=tuple(extra),
-        timeouts=config.exploration.timeouts,
-        limits=config.exploration.limits,
+    log_path = out_dir / "training.log"
+    exploration = config.exploration
+    key_file = exploration.anthropic.key_file
+    plan = EvaluationPlan(
+        harness=exploration.harness,
+        data_cache=root / "log" / "cache" / "data",
+        timeouts=exploration.timeouts,
+        limits=exploration.limits,
+        hide=(Path(key_file).expanduser(),) if key_file else (),
+        device=device,
     )
+    package = exploration.harness.split(".")[0]
+
+    def populate(folder: Path) -> None:
+        shutil.copytree(root / package, folder / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
     def echo(lines: list[str]) -> None:
         if not quiet:
@@ -75,12 +80,14 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
     async def go():
         instance = make_runner(runner)
         try:
-            return await instance.run(request, on_output=echo)
+            return await evaluate(instance, plan, out_dir / "sandbox", populate,
+                                  config_path.read_text(encoding="utf-8"), log_path,
+                                  on_output=echo)
         finally:
             await instance.aclose()
 
     result = asyncio.run(go())
-    print(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {request.log_path})")
+    print(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {log_path})")
     if result.error:
         print(f"error: {result.error}")
     for name in METRIC_ORDER:
