@@ -30,6 +30,7 @@ from engine.logs import RunLogs, strip_control
 from engine.loop import (
     HUMAN_QUEUE_KEY,
     PROGRESS,
+    SANDBOX_KEY,
     STALE_KEY,
     config_changes,
     describe_changes,
@@ -359,8 +360,9 @@ class AttachedRun:
         events: list[ev.Event] = []
         if not self._opened:
             self._opened = True
+            missing = tuple(self.reader.journal.state(SANDBOX_KEY, []))
             events.append(ev.RunOpened(self.info.name, str(self.info.run_dir),
-                                       self.info.iterations))
+                                       self.info.iterations, sandbox_missing=missing))
         rows = self.reader.new_rows()
         decided = {(r.iteration, r.attempt) for r in rows if r.step == Step.DECISION}
         finished = {(r.iteration, r.attempt) for r in rows if r.step == Step.RUN_FINISHED}

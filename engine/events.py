@@ -22,6 +22,7 @@ class RunOpened(Event):
     run_dir: str
     total_iterations: int
     resumed_at: int | None = None
+    sandbox_missing: tuple[str, ...] = ()  # layers of the runs' sandbox this OS lacks, and why
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ class HeadlessPrinter:
     def _describe(self, event: ev.Event) -> str | None:
         match event:
             case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total,
-                              resumed_at=resumed):
+                              resumed_at=resumed, sandbox_missing=missing):
                 self.run, self.total = run, total
                 again = f", resuming iteration {resumed}" if resumed else ""
-                return f"run {run}: {total} iterations, files in {run_dir}{again}"
+                header = f"run {run}: {total} iterations, files in {run_dir}{again}"
+                return "\n".join([header, *(f"  WARNING: sandbox layer missing: {layer}"
+                                             for layer in missing)])
             case ev.IterationStarted(iteration=iteration, block=block, total_iterations=total):
                 self.iteration, self.total, self.step, self.steps = iteration, total, 0, 0
                 return f"iteration {iteration}/{total} (block {block})"

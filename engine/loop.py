@@ -44,6 +44,7 @@ from engine.runner import (
     kill_orphan,
     make_runner,
 )
+from engine.runner.sandbox import missing_layers
 from engine.tree import Node, NodeStatus, ScoreRow, Tree, block_of
 from engine.vcs import (
     Identity,
@@ -62,6 +63,7 @@ from engine.vcs import (
 from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdit, ManualEdits
 from engine.workspace import VCS_FILE, CodeStore
 
+SANDBOX_KEY = "sandbox_missing"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 PROGRESS = re.compile(r"\bstep\s+(\d+)\s*/\s*(\d+)")
 # Keys an agent may set outside the search space (the protocol's Step 5.1 exceptions).
@@ -594,8 +596,10 @@ class Engine:
         """Run iterations until a stop condition; returns why it ended."""
         self.logs.repair_tails()
         unfinished = self.journal.unfinished_iteration()
+        missing = tuple(f"{layer.name}: {layer.detail}" for layer in missing_layers())
+        self.journal.set_state(SANDBOX_KEY, list(missing))  # attached viewers show it too
         self.publish(ev.RunOpened(self.settings.name, str(self.run_dir), self.settings.iterations,
-                                  resumed_at=unfinished))
+                                  resumed_at=unfinished, sandbox_missing=missing))
         watcher = self._watcher = self._start_watcher()
         try:
             await self._kill_orphaned_run()

@@ -290,6 +290,8 @@ class ProctorApp(App[None]):
                  f"block {state.block}", str(state.phase)]
         if state.paused:
             parts.append(f"PAUSED: {state.paused}")
+        if state.sandbox_missing:
+            parts.append(f"SANDBOX: {len(state.sandbox_missing)} layer(s) missing")
         if self.settings.show_clock and snapshot is not None:
             end = self.settings.clock()
             parts.append(f"elapsed {_hms(end - snapshot.info.created_at)}")

@@ -89,6 +89,7 @@ class RunState:
     review: Review | None = None
     manual_edits: dict[str, ManualEdit] = field(default_factory=dict)
     paused: str | None = None
+    sandbox_missing: tuple[str, ...] = ()
     finished: ev.RunFinished | None = None
     last_error: str | None = None
     log_iteration: int | None = None
@@ -104,9 +105,14 @@ class RunState:
         """Fold one event; returns what to tell the human about it."""
         self.events_seen += 1
         match event:
-            case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total):
+            case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total,
+                              sandbox_missing=missing):
                 self.run, self.run_dir, self.total_iterations = run, run_dir, total
                 self.finished = None
+                self.sandbox_missing = missing
+                if missing:
+                    return [Notice("; ".join(missing), "warning",
+                                   "Runs are less isolated here (proctor doctor)")]
             case ev.IterationStarted(iteration=iteration, block=block, total_iterations=total):
                 self.iteration, self.block, self.total_iterations = iteration, block, total
                 self.phase = Phase.PROPOSING
