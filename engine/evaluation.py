@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.config import Limits, Timeouts
@@ -36,7 +36,6 @@ from engine.runner import (
 )
 
 Populate = Callable[[Path], None]  # writes the node's code (the experiment package) into a folder
-STEPS = ("prepare", "train", "predict", "score")
 
 
 @dataclass(frozen=True)
@@ -51,25 +50,92 @@ class EvaluationPlan:
     device: str | None = None
 
 
-@dataclass
-class _Area:
-    """The folders of one evaluation under `root` (emptied before each use)."""
+class _Evaluation:
+    """The four steps of one node in `area` (its folders are emptied first)."""
 
-    root: Path
-    config: Path = field(init=False)
+    def __init__(self, runner: Runner, plan: EvaluationPlan, area: Path, populate: Populate,
+                 log_path: Path, on_output: OutputCallback | None,
+                 on_started: StartedCallback | None) -> None:
+        self.runner, self.plan, self.area, self.populate = runner, plan, area, populate
+        self.log_path, self.on_output, self.on_started = log_path, on_output, on_started
+        self.results: list[RunResult] = []
+        self.step = ""
+        self.refused: str | None = None  # why an ok step's output may not be used
+        self.config = area / "config" / "config.yaml"
+        self.split = area / "split"
+        self.trusted_workspace = area / "trusted"  # prepare and score: no editable code runs
+        self.train_workspace, self.train_out = area / "train", area / "train_out"
+        self.predict_workspace, self.predict_out = area / "predict", area / "predict_out"
+        self.device = ("--device", plan.device) if plan.device else ()
 
-    def __post_init__(self) -> None:
-        self.config = self.root / "config" / "config.yaml"
+    def reset(self, config_text: str) -> None:
+        if self.area.exists():
+            remove_tree(self.area)
+        for folder in (self.config.parent, self.split, self.trusted_workspace,
+                       self.train_workspace, self.train_out, self.predict_workspace,
+                       self.predict_out):
+            folder.mkdir(parents=True)
+        self.config.write_text(config_text, encoding="utf-8")
+        self.plan.data_cache.mkdir(parents=True, exist_ok=True)
+        self.populate(self.trusted_workspace)
 
-    def folder(self, name: str) -> Path:
-        return self.root / name
+    async def run_step(self, step: str, workspace: Path, argv: Sequence[str], *,
+                       read_only: Sequence[Path] = (), read_write: Sequence[Path] = (),
+                       trusted: bool = False, output: Path | None = None) -> bool:
+        """One step; True when it went well and left nothing suspicious in `output`."""
+        self.step = step
+        request = RunRequest(
+            workspace=workspace,
+            argv=(step, "--config", str(self.config), *argv),
+            log_path=self.log_path,
+            harness=self.plan.harness,
+            read_only=(self.config.parent, *read_only),
+            read_write=tuple(read_write),
+            hide=self.plan.hide,
+            trusted=trusted,
+            append_log=bool(self.results),
+            timeouts=self.plan.timeouts,
+            limits=self.plan.limits,
+        )
+        result = await self.runner.run(request, on_output=self.on_output,
+                                       on_started=self.on_started)
+        self.results.append(result)
+        if result.status is not RunStatus.OK:
+            return False
+        self.refused = _untrusted_output_problem(output, step) if output else None
+        return self.refused is None
 
-    def reset(self) -> None:
-        if self.root.exists():
-            remove_tree(self.root)
-        for name in ("config", "trusted", "split", "train", "train_out", "predict",
-                     "predict_out"):
-            (self.root / name).mkdir(parents=True)
+    async def prepare(self, seed: int) -> bool:
+        return await self.run_step(
+            "prepare", self.trusted_workspace,
+            ("--data-cache", str(self.plan.data_cache), "--split", str(self.split),
+             "--seed", str(seed)),
+            read_write=(self.plan.data_cache, self.split), trusted=True)
+
+    async def train(self) -> bool:
+        self.populate(self.train_workspace)
+        return await self.run_step(
+            "train", self.train_workspace,
+            ("--data", str(self.split / "train"), "--out", str(self.train_out), *self.device),
+            read_only=(self.split / "train",), read_write=(self.train_out,),
+            output=self.train_out)
+
+    async def predict(self) -> bool:
+        self.populate(self.predict_workspace)
+        return await self.run_step(
+            "predict", self.predict_workspace,
+            ("--data", str(self.split / "eval"), "--state", str(self.train_out), "--out",
+             str(self.predict_out), *self.device),
+            read_only=(self.split / "eval", self.train_out), read_write=(self.predict_out,),
+            output=self.predict_out)
+
+    async def score(self) -> bool:
+        train_seconds = self.results[1].wall_s  # as we measured it, not as the run said
+        return await self.run_step(
+            "score", self.trusted_workspace,
+            ("--data", str(self.split / "score"), "--state", str(self.train_out),
+             "--predictions", str(self.predict_out), "--train-seconds", f"{train_seconds:.3f}"),
+            read_only=(self.split / "score", self.train_out, self.predict_out), trusted=True)
 
 
 async def evaluate(
@@ -86,73 +152,34 @@ async def evaluate(
 ) -> RunResult:
     """Run the four steps of one node in `area`; the result carries the score step's metrics,
     or the first failing step's status and error."""
-    folders = _Area(area)
-    folders.reset()
-    folders.config.write_text(config_text, encoding="utf-8")
-    plan.data_cache.mkdir(parents=True, exist_ok=True)
-    trusted = folders.folder("trusted")
-    populate(trusted)
-    split, config = folders.folder("split"), str(folders.config)
-    device = ("--device", plan.device) if plan.device else ()
-
-    def request(step: str, workspace: Path, argv: Sequence[str], *, read_only=(),
-                read_write=(), is_trusted: bool = False) -> RunRequest:
-        return RunRequest(
-            workspace=workspace,
-            argv=(step, "--config", config, *argv),
-            log_path=log_path,
-            harness=plan.harness,
-            read_only=(folders.config.parent, *read_only),
-            read_write=tuple(read_write),
-            hide=plan.hide,
-            trusted=is_trusted,
-            append_log=step != STEPS[0],
-            timeouts=plan.timeouts,
-            limits=plan.limits,
-        )
-
-    results: list[RunResult] = []
-
-    async def step(req: RunRequest) -> RunResult | None:
-        result = await runner.run(req, on_output=on_output, on_started=on_started)
-        results.append(result)
-        return result if result.status is RunStatus.OK else None
-
-    name = "prepare"
-    if await step(request(name, trusted, ("--data-cache", str(plan.data_cache),
-                                          "--split", str(split), "--seed", str(seed)),
-                          read_write=(plan.data_cache, split), is_trusted=True)) is None:
-        return _combined(results, name)
-    train_out, predict_out = folders.folder("train_out"), folders.folder("predict_out")
-    workspace = folders.folder("train")
-    populate(workspace)
-    name = "train"
-    trained = await step(request(name, workspace, ("--data", str(split / "train"),
-                                                   "--out", str(train_out), *device),
-                                 read_only=(split / "train",), read_write=(train_out,)))
-    if trained is None:
-        return _combined(results, name)
-    workspace = folders.folder("predict")
-    populate(workspace)
-    name = "predict"
-    if await step(request(name, workspace, ("--data", str(split / "eval"), "--state",
-                                            str(train_out), "--out", str(predict_out),
-                                            *device),
-                          read_only=(split / "eval", train_out),
-                          read_write=(predict_out,))) is None:
-        return _combined(results, name)
-    name = "score"
-    await step(request(name, trusted, ("--data", str(split / "score"), "--state",
-                                       str(train_out), "--predictions", str(predict_out),
-                                       "--train-seconds", f"{trained.wall_s:.3f}"),
-                       read_only=(split / "score", train_out, predict_out), is_trusted=True))
-    return _combined(results, name)
+    run = _Evaluation(runner, plan, area, populate, log_path, on_output, on_started)
+    run.reset(config_text)
+    for step in (lambda: run.prepare(seed), run.train, run.predict, run.score):
+        if not await step():
+            break
+    return _combined(run.results, run.step, run.refused)
 
 
-def _combined(results: list[RunResult], last_step: str) -> RunResult:
+def _untrusted_output_problem(folder: Path, step: str) -> str | None:
+    """Why what an untrusted step left in `folder` must not reach the next step, if it must
+    not: only plain files and folders pass (a link or a pipe could make a trusted reader open
+    something else, or block it)."""
+    for top, folders, files in os.walk(folder):
+        for name in (*folders, *files):
+            path = os.path.join(top, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return (f"the {step} step left {os.path.relpath(path, folder)}, which is not "
+                        "a plain file or folder")
+    return None
+
+
+def _combined(results: list[RunResult], last_step: str, refused: str | None = None) -> RunResult:
     """One result for the whole run: the last step's status, error and metrics; times and
-    warnings of all steps."""
+    warnings of all steps. `refused`: why an ok step's output was not used."""
     last = results[-1]
+    if refused is not None:
+        last = replace(last, status=RunStatus.FAILED, error=refused)
     error = last.error
     if error and last_step != "train" and last.status is not RunStatus.STOPPED:
         error = f"{last_step} step: {error}"
