@@ -1,0 +1,72 @@
+"""The four steps of a node (engine/evaluation.py) through the real runner, on a torch-free
+harness whose steps do what each test's config says."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import Limits, Timeouts
+from engine.evaluation import EvaluationPlan, evaluate
+from engine.runner import RunStatus, make_runner
+
+PROJECT = Path(__file__).resolve().parent / "evaluation_project"
+PLAN_LIMITS = Limits(memory_mb=None, processes=64)
+
+
+@pytest.fixture(params=["zygote", "subprocess"])
+async def runner(request):
+    instance = make_runner(request.param, preload=("yaml",))
+    yield instance
+    await instance.aclose()
+
+
+async def run(runner, tmp_path: Path, **behaviour) -> tuple:
+    plan = EvaluationPlan(harness="models.harness", data_cache=tmp_path / "cache",
+                          timeouts=Timeouts(wall_s=60, no_output_s=60, kill_grace_s=1),
+                          limits=PLAN_LIMITS)
+
+    def populate(folder: Path) -> None:
+        shutil.copytree(PROJECT / "models", folder / "models")
+
+    log = tmp_path / "training.log"
+    result = await evaluate(runner, plan, tmp_path / "area", populate,
+                            yaml.safe_dump({"behaviour": behaviour}), log)
+    return result, log.read_text()
+
+
+async def test_the_metrics_are_the_score_steps_and_only_trusted_steps_hold_the_channel(
+    runner, tmp_path
+):
+    result, log = await run(runner, tmp_path, train={"value": 0.25})
+    assert result.status is RunStatus.OK, (result.error, log)
+    assert result.metrics["final_r2"] == 0.25  # not the 1.0 the train step printed
+    assert result.metrics["training_time_s"] > 0
+    for step, channel in (("prepare", "open"), ("train", "closed"), ("predict", "closed"),
+                          ("score", "open")):
+        assert f"{step}: fd 3 is {channel}" in log
+    # the train step's writes to its workspace never reach the predict step's
+    assert "predict: the train step's workspace file is gone" in log
+
+
+@pytest.mark.parametrize(("step", "prefix"), [("prepare", "prepare step: "), ("train", ""),
+                                              ("predict", "predict step: "),
+                                              ("score", "score step: ")])
+async def test_a_failing_step_ends_the_run_with_its_error(runner, tmp_path, step, prefix):
+    result, log = await run(runner, tmp_path, **{step: {"fail": True}})
+    assert result.status is RunStatus.FAILED and result.metrics == {}
+    assert result.error.startswith(f"{prefix}exit code 1"), result.error
+    assert f"{step} failing on purpose" in result.error
+    later = ["prepare", "train", "predict", "score"]
+    for after in later[later.index(step) + 1:]:
+        assert f"{after}: fd 3" not in log
+
+
+async def test_a_link_left_by_the_train_step_never_reaches_a_trusted_reader(runner, tmp_path):
+    result, log = await run(runner, tmp_path, train={"symlink": True})
+    assert result.status is RunStatus.FAILED
+    assert result.error == "the train step left link, which is not a plain file or folder"
+    assert "predict: fd 3" not in log
