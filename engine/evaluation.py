@@ -35,7 +35,7 @@ from engine.runner import (
     StartedCallback,
 )
 
-Populate = Callable[[Path], None]  # writes the node's code (the experiment package) into a folder
+Populate = Callable[[Path], None]  # writes the node's experiment package into a folder
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class _Evaluation:
             read_write=(self.plan.data_cache, self.split), trusted=True)
 
     async def train(self) -> bool:
-        self.populate(self.train_workspace)
+        _copy_tree(self.trusted_workspace, self.train_workspace)
         return await self.run_step(
             "train", self.train_workspace,
             ("--data", str(self.split / "train"), "--out", str(self.train_out), *self.device),
@@ -121,7 +121,7 @@ class _Evaluation:
             output=self.train_out)
 
     async def predict(self) -> bool:
-        self.populate(self.predict_workspace)
+        _copy_tree(self.trusted_workspace, self.predict_workspace)
         return await self.run_step(
             "predict", self.predict_workspace,
             ("--data", str(self.split / "eval"), "--state", str(self.train_out), "--out",
@@ -195,6 +195,11 @@ def _combined(results: list[RunResult], last_step: str, refused: str | None = No
         log_truncated=any(r.log_truncated for r in results),
         warnings=tuple(dict.fromkeys(w for r in results for w in r.warnings)),
     )
+
+
+def _copy_tree(source: Path, destination: Path) -> None:
+    """A fresh copy of the pristine workspace (cheaper than rebuilding it from git)."""
+    shutil.copytree(source, destination, symlinks=True, dirs_exist_ok=True)
 
 
 def remove_tree(path: Path) -> None:
