@@ -1,9 +1,11 @@
-"""Per-run overhead of the runner's two modes, measured side by side in one process.
+"""Per-run overhead of the runner's two modes, sandboxed and (for comparison) not, measured
+side by side in one process.
 
-Each run executes a tiny harness (tests/runner_scripts/bench: a handful of torch steps) that
-reports its own work time; overhead = the wall time of `runner.run(...)` as the engine sees
-it, minus that work time. Runs alternate between the modes so both see the same machine.
-The zygote's one-off start (importing torch) is reported separately.
+Each run is an untrusted run (the train and predict steps are: uid 65534 when root, no
+results channel) of a tiny harness (tests/runner_scripts/bench: a handful of torch steps)
+that notes its own work time in its workspace; overhead = the wall time of `runner.run(...)`
+as the engine sees it, minus that work time. Runs alternate between the runners so all see the
+same machine. Each zygote's one-off start (importing torch) is reported separately.
 
     .venv/bin/python bench/runner_overhead.py [--runs 10] [--steps 5]
 """
@@ -24,71 +26,92 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import Limits, Timeouts  # noqa: E402
-from engine.runner import RunRequest, RunStatus, make_runner  # noqa: E402
+from engine.runner import Runner, RunRequest, RunStatus, SubprocessRunner, ZygoteRunner  # noqa: E402
+from engine.runner.sandbox import probe  # noqa: E402
 
 SCRIPTS = ROOT / "tests" / "runner_scripts"
-TARGET_RATIO = 1 / 20
+TARGET_RATIO = 1 / 10
 TARGET_ZYGOTE_MS = 150.0
+RUNNERS = {
+    "zygote": lambda: ZygoteRunner(),
+    "subprocess": lambda: SubprocessRunner(),
+    "zygote, no sandbox": lambda: ZygoteRunner(sandbox=False),
+    "subprocess, no sandbox": lambda: SubprocessRunner(sandbox=False),
+}
 
 
-def _workspace(scratch: Path, steps: int) -> Path:
-    workspace = scratch / "workspace"
+def _request(scratch: Path, steps: int) -> RunRequest:
+    """A request with its own workspace (a sandboxed run as root hands its workspace over to
+    uid 65534, which an unsandboxed one without capabilities could not write then)."""
+    workspace = Path(tempfile.mkdtemp(dir=scratch)) / "workspace"
     shutil.copytree(SCRIPTS / "bench", workspace)
     shutil.copy(SCRIPTS / "fakekit.py", workspace / "models" / "fakekit.py")
     (workspace / "case.json").write_text(json.dumps({"steps": steps}))
-    return workspace
+    return RunRequest(
+        workspace=workspace,
+        argv=("--config", str(workspace / "case.json")),
+        log_path=workspace.parent / "train.log",
+        timeouts=Timeouts(wall_s=120, no_output_s=120),
+        limits=Limits(memory_mb=None),
+    )
 
 
-async def _one(runner, request: RunRequest) -> tuple[float, float]:
+async def _one(name: str, runner: Runner, request: RunRequest) -> tuple[float, float]:
     """(overhead seconds, wall seconds) of one run."""
+    (request.workspace / "work_s.txt").unlink(missing_ok=True)
     started = time.perf_counter()
     result = await runner.run(request)
     wall = time.perf_counter() - started
     if result.status is not RunStatus.OK:
-        raise SystemExit(f"{runner.mode} run failed: {result.error}\n{result.traceback_tail}")
-    return wall - result.metrics["work_s"], wall
+        raise SystemExit(f"{name} run failed: {result.error}\n{result.traceback_tail}")
+    work_s = float((request.workspace / "work_s.txt").read_text())
+    return wall - work_s, wall
 
 
 async def main(runs: int, steps: int) -> None:
     with tempfile.TemporaryDirectory(prefix="proctor-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        workspace = _workspace(scratch, steps)
-        request = RunRequest(
-            workspace=workspace,
-            config_path=workspace / "case.json",
-            results_path=scratch / "out" / "results.json",
-            log_path=scratch / "out" / "train.log",
-            timeouts=Timeouts(wall_s=120, no_output_s=120),
-            limits=Limits(memory_mb=None),
-        )
-        runners = {mode: make_runner(mode) for mode in ("subprocess", "zygote")}
+        runners = {name: factory() for name, factory in RUNNERS.items()}
+        requests = {name: _request(scratch, steps) for name in runners}
+        first_runs: dict[str, float] = {}
         try:
-            started = time.perf_counter()
-            await _one(runners["zygote"], request)  # starts the zygote: paid once per runner
-            first_zygote_run = time.perf_counter() - started
-            await _one(runners["subprocess"], request)  # warm the page cache for both
-            overheads: dict[str, list[float]] = {mode: [] for mode in runners}
-            walls: dict[str, list[float]] = {mode: [] for mode in runners}
+            for name, runner in runners.items():  # starts each zygote; warms the page cache
+                started = time.perf_counter()
+                await _one(name, runner, requests[name])
+                first_runs[name] = time.perf_counter() - started
+            overheads: dict[str, list[float]] = {name: [] for name in runners}
+            walls: dict[str, list[float]] = {name: [] for name in runners}
             for _ in range(runs):
-                for mode, runner in runners.items():
-                    overhead, wall = await _one(runner, request)
-                    overheads[mode].append(overhead)
-                    walls[mode].append(wall)
+                for name, runner in runners.items():
+                    overhead, wall = await _one(name, runner, requests[name])
+                    overheads[name].append(overhead)
+                    walls[name].append(wall)
         finally:
             for runner in runners.values():
                 await runner.aclose()
+    _report(runs, steps, overheads, walls, first_runs)
 
-    medians = {mode: statistics.median(values) * 1000 for mode, values in overheads.items()}
-    ratio = medians["zygote"] / medians["subprocess"]
-    print(f"runs per mode: {runs}; harness: {steps} torch steps")
-    for mode, values in overheads.items():
+
+def _report(runs: int, steps: int, overheads: dict[str, list[float]],
+            walls: dict[str, list[float]], first_runs: dict[str, float]) -> None:
+    medians = {name: statistics.median(values) * 1000 for name, values in overheads.items()}
+    missing = [layer.name for layer in probe() if not layer.active]
+    print(f"runs per runner: {runs}; harness: {steps} torch steps; untrusted runs")
+    print(f"sandbox layers missing here: {', '.join(missing) or 'none'}")
+    for name, values in overheads.items():
         low, high = min(values) * 1000, max(values) * 1000
         print(
-            f"  {mode:<10} median overhead {medians[mode]:8.1f} ms  (min {low:.1f}, max "
-            f"{high:.1f});  median whole run {statistics.median(walls[mode]) * 1000:8.1f} ms"
+            f"  {name:<23} median overhead {medians[name]:8.1f} ms  (min {low:.1f}, max "
+            f"{high:.1f});  median whole run {statistics.median(walls[name]) * 1000:8.1f} ms"
         )
-    print(f"  zygote first run (starts it, imports torch): {first_zygote_run * 1000:.0f} ms")
-    print(f"  ratio zygote/subprocess: {ratio:.3f} (target <= {TARGET_RATIO:.3f})")
+    for name in ("zygote", "zygote, no sandbox"):
+        print(f"  {name} first run (starts it, imports torch): {first_runs[name] * 1000:.0f} ms")
+    ratio = medians["zygote"] / medians["subprocess"]
+    sandbox_cost = {mode: medians[mode] - medians[f"{mode}, no sandbox"]
+                    for mode in ("zygote", "subprocess")}
+    print(f"  sandbox cost per run: zygote {sandbox_cost['zygote']:+.1f} ms, "
+          f"subprocess {sandbox_cost['subprocess']:+.1f} ms")
+    print(f"  ratio zygote/subprocess (sandboxed): {ratio:.3f} (target <= {TARGET_RATIO:.3f})")
     verdict = ratio <= TARGET_RATIO and medians["zygote"] <= TARGET_ZYGOTE_MS
     print(f"  target met: {'yes' if verdict else 'no'} (zygote <= {TARGET_ZYGOTE_MS:.0f} ms)")
 

@@ -1,8 +1,9 @@
-"""The runner against real faulty processes (FAULTS.md rows 1-8, 23, 26), in both modes.
+"""The runner against real faulty processes (FAULTS.md rows 1-8, 23, 26, 29, 33), in both modes.
 
-Each fake harness under tests/runner_scripts/<case>/ is a workspace; it notes the pid and
-start time of every process it makes in ./pids.txt, and every test checks that none of
-them survives the run.
+Each fake harness under tests/runner_scripts/<case>/ is a workspace; it notes the pid (as seen
+inside its sandbox) and start time of every process it makes in ./pids.txt, and every test
+checks that none of them survives the run. Most cases run trusted, so that they can report
+on the results channel; the sandbox itself is tested in test_sandbox.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from engine.runner import (
     make_runner,
 )
 from engine.runner.containment import cgroup_base
-from engine.runner.isolation import build_environment, network_isolation_problem, read_stat
+from engine.runner.isolation import all_processes, build_environment, is_running, read_stat
 from engine.runner.output import LINE_CAP, TRUNCATION_MARKER, OutputSink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -65,12 +66,14 @@ class Case:
     batches: list[list[str]] = field(default_factory=list)
     identities: list[ProcessIdentity] = field(default_factory=list)
 
-    def request(self, timeouts: Timeouts = TEST_TIMEOUTS, **limits: float | None) -> RunRequest:
+    def request(
+        self, timeouts: Timeouts = TEST_TIMEOUTS, trusted: bool = True, **limits: float | None
+    ) -> RunRequest:
         return RunRequest(
             workspace=self.workspace,
-            config_path=self.workspace / "case.json",
-            results_path=self.out / "results.json",
+            argv=("--config", str(self.workspace / "case.json")),
             log_path=self.out / "train.log",
+            trusted=trusted,
             timeouts=timeouts,
             limits=TEST_LIMITS.model_copy(update=limits),
         )
@@ -110,8 +113,27 @@ def make_case(tmp_path: Path) -> Callable[..., Case]:
 
 
 def running(pid: int, start_time: int) -> bool:
-    stat = read_stat(pid)
-    return stat is not None and stat.running and stat.start_time == start_time
+    """Whether a process a run noted (its pid inside the run's PID namespace) still lives."""
+    return host_pid(pid, start_time) is not None
+
+
+def host_pid(pid: int, start_time: int) -> int | None:
+    """The host pid of a live process that is `pid` in its own (innermost) PID namespace."""
+    for stat in all_processes():
+        if stat.start_time == start_time and stat.running and innermost_pid(stat.pid) == pid:
+            return stat.pid
+    return None
+
+
+def innermost_pid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return None
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float = 5.0) -> bool:
@@ -133,7 +155,7 @@ def assert_nothing_survives(case: Case, expected_at_least: int = 1) -> None:
 # ---------------------------------------------------------------------------- normal runs
 
 
-async def test_metrics_come_only_from_the_results_file(runner, make_case) -> None:
+async def test_metrics_come_only_from_the_results_channel(runner, make_case) -> None:
     case = make_case("normal", lines=5)
     result = await case.run(runner)
     assert result.status is RunStatus.OK, result
@@ -142,7 +164,9 @@ async def test_metrics_come_only_from_the_results_file(runner, make_case) -> Non
     assert "step 4 loss 0.200" in case.lines and "final_r2: 0.99" in case.lines
     assert case.lines[-3:] == ["progress 10%", "progress 50%", "progress 100%"]
     assert "step 0 loss 1.000\n" in case.log
-    assert case.identities and case.identities[0].pid == case.noted_processes()[0][0]
+    leader = case.identities[0]
+    assert leader.pid == leader.pgid and leader.start_time > 0
+    assert case.noted_processes()[0][0] == 2  # the harness: next to pid 1 of its own namespace
     assert result.hyperparameters["torch_preloaded"] is (runner.mode == "zygote")
     assert result.peak_rss_mb and result.peak_rss_mb > 1
     assert_nothing_survives(case)
@@ -158,13 +182,33 @@ async def test_each_run_executes_the_workspace_code_as_it_is_now(runner, make_ca
     assert not list(case.workspace.rglob("*.pyc"))
 
 
-async def test_stale_results_never_count(runner, make_case) -> None:
+async def test_a_trusted_run_without_a_result_failed(runner, make_case) -> None:
     case = make_case("silent_loop")
-    case.out.mkdir()
-    (case.out / "results.json").write_text('{"status": "ok", "metrics": {"final_r2": 1.0}}')
     request = case.request(timeouts=replace_timeouts(no_output_s=0.5))
     result = await case.run(runner, request)
     assert result.status is RunStatus.TIMEOUT and result.metrics == {}
+    quiet = make_case("forger")  # exits 0; writes nothing on the channel it holds
+    result = await quiet.run(runner)
+    assert result.status is RunStatus.FAILED and "results channel" in result.error
+
+
+async def test_an_untrusted_run_has_no_channel_and_forges_nothing(runner, make_case) -> None:
+    case = make_case("forger", forge=True)
+    result = await case.run(runner, case.request(trusted=False))
+    assert result.status is RunStatus.OK, result  # exit 0, and nothing else counts
+    assert result.metrics == {} and result.hyperparameters == {}
+    found = json.loads((case.workspace / "found.json").read_text())
+    assert found["fd3"].startswith("closed"), found
+    assert '{"status": "ok", "metrics": {"final_r2": 1.0}}' in case.lines  # printed, ignored
+    assert_nothing_survives(case)
+
+
+@pytest.mark.parametrize(("code", "status"), [(3, RunStatus.DIVERGED), (2, RunStatus.FAILED)])
+async def test_an_untrusted_run_reports_by_exit_code(runner, make_case, code, status) -> None:
+    case = make_case("forger", exit=code)
+    result = await case.run(runner, case.request(trusted=False))
+    assert result.status is status and result.exit_code == code, result
+    assert result.metrics == {}
 
 
 def replace_timeouts(**changes: float) -> Timeouts:
@@ -173,9 +217,11 @@ def replace_timeouts(**changes: float) -> Timeouts:
 
 async def test_a_bad_request_is_one_clear_error(runner, tmp_path) -> None:
     missing = tmp_path / "nowhere"
-    request = RunRequest(missing, missing / "c", missing / "r", tmp_path / "log")
+    request = RunRequest(missing, (), tmp_path / "log")
     result = await runner.run(request)
     assert result.status is RunStatus.FAILED and "is not a directory" in result.error
+    unseen = replace(request, workspace=tmp_path, read_only=(missing,))
+    assert "does not exist" in (await runner.run(unseen)).error
     bad_name = replace(request, workspace=tmp_path, harness="models/harness.py")
     assert "is not a module name" in (await runner.run(bad_name)).error
     (tmp_path / "a-file").write_text("")
@@ -291,12 +337,11 @@ async def test_runs_see_no_secret_and_no_network(runner, make_case, monkeypatch)
     found = result.hyperparameters
     assert "CUDA_VISIBLE_DEVICES" in found["env"] and "HF_TOKEN" not in found["env"]
     assert not [name for name in found["env"] if "KEY" in name or "TOKEN" in name]
-    assert found["env"]["HOME"] != os.environ.get("HOME")
-    # The parent (supervisor or zygote) and grandparent are closed to the run.
+    assert found["env"]["HOME"] == found["env"]["TMPDIR"] == "/tmp"  # the run's private /tmp
+    # Its parent (the sandbox's pid 1) and grandparent (none: the namespace ends there).
     assert all(text.startswith("unreadable") for text in found["environs"].values()), found
     assert found["stdin_bytes"] == 0
-    if network_isolation_problem() is None:
-        assert found["network"].startswith("failed"), found["network"]
+    assert found["network"].startswith("failed"), found["network"]
     for text in (case.log, "\n".join(case.lines), repr(result)):
         assert SECRET not in text and "hf_dont_pass_me" not in text
     assert any("HF_TOKEN" in warning for warning in result.warnings)
@@ -338,16 +383,23 @@ async def _wait_async(condition: Callable[[], bool], deadline_s: float = 10.0) -
     return condition()
 
 
-async def test_kill_orphan_never_hits_a_recycled_pid() -> None:
+async def test_kill_orphan_never_signals_a_forged_or_recycled_identity(tmp_path) -> None:
+    """Row 33: a forged `active_run` naming a live stranger (its own session and group
+    leader, exact start time) gets no signal, with or without a claimed cgroup."""
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         stat = read_stat(sleeper.pid)
-        assert stat is not None
-        stranger = ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time + 1)
-        assert kill_orphan(stranger) is False
-        assert sleeper.poll() is None
-        assert kill_orphan(ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time)) is True
-        assert sleeper.wait(timeout=5) == -signal.SIGKILL
+        assert stat is not None and stat.pid == stat.pgid == stat.sid
+        forged_cgroup = cgroup_base()[0] / "run-1-0" if HAVE_CGROUP else tmp_path / "run-1-0"
+        forgeries = [
+            ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time + 1),  # recycled pid
+            ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time),  # exact, no cgroup
+            ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time, "/sys/fs/cgroup"),
+            ProcessIdentity(sleeper.pid, sleeper.pid, stat.start_time, str(forged_cgroup)),
+        ]
+        for forged in forgeries:
+            assert kill_orphan(forged) is False, forged
+            assert sleeper.poll() is None, forged
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -366,7 +418,8 @@ _SUPERVISOR = textwrap.dedent(
         def started(identity):
             zygote = getattr(runner, "zygote_pid", None)
             print(json.dumps({"identity": identity.__dict__, "zygote": zygote}), flush=True)
-        request = RunRequest(workspace, workspace / "case.json", out / "r.json", out / "log",
+        request = RunRequest(workspace, ("--config", str(workspace / "case.json")),
+                             out / "log", trusted=True,
                              timeouts=Timeouts(wall_s=60, no_output_s=60))
         await runner.run(request, on_started=started)
 
@@ -390,21 +443,17 @@ async def test_a_dead_supervisor_takes_its_runs_along(make_case, mode, tmp_path)
         supervisor.kill()
         supervisor.wait()
     identity = ProcessIdentity(**announced["identity"])
-    leader = case.noted_processes()[0]
-    assert leader[0] == identity.pid
-    assert wait_until(lambda: not running(*leader)), "the leader outlived its supervisor"
+    assert wait_until(lambda: not is_running(identity.pid, identity.start_time)), (
+        "the leader outlived its supervisor"
+    )
     if announced["zygote"]:
         zygote = read_stat(announced["zygote"])
-        assert wait_until(lambda: zygote is None or not running(zygote.pid, zygote.start_time))
-    # The restarted engine's clean-up takes the group, and with a cgroup the detached daemon.
-    kill_orphan(identity)
-    leader, child, daemon = case.noted_processes()[:3]
-    assert wait_until(lambda: not running(*child))
+        assert wait_until(lambda: zygote is None or not is_running(zygote.pid, zygote.start_time))
+    # The leader's death ends the sandbox's PID namespace: the detached daemon goes with it.
+    assert_nothing_survives(case, expected_at_least=3)
+    kill_orphan(identity)  # the restarted engine's clean-up finds nothing, and frees the cgroup
     if identity.cgroup:
-        assert wait_until(lambda: not running(*daemon))
         assert not Path(identity.cgroup).exists()
-    elif running(*daemon):  # documented: without a cgroup a detached daemon can escape
-        os.kill(daemon[0], signal.SIGKILL)
 
 
 async def test_a_dead_zygote_is_replaced_on_the_next_run(make_case) -> None:
@@ -427,7 +476,8 @@ async def test_a_dead_zygote_is_replaced_on_the_next_run(make_case) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_process_tree_containment_without_cgroups(make_case, mode) -> None:
-    """The non-root fallback: the process limit by watchdog, the group and tree killed."""
+    """The non-root fallback: the process limit by watchdog, the group and tree killed, and
+    the detached daemon ends with the sandbox's PID namespace."""
     runner = make_runner(mode, preload=(), containment="process-tree")
     try:
         bomb = make_case("fork_bomb", count=40)
@@ -438,12 +488,7 @@ async def test_process_tree_containment_without_cgroups(make_case, mode) -> None
         assert (await left.run(runner)).status is RunStatus.OK
     finally:
         await runner.aclose()
-    leader, child, daemon = left.noted_processes()[:3]
-    assert wait_until(lambda: not running(*leader) and not running(*child))
-    if mode == "zygote":  # the zygote is a subreaper: the detached daemon stayed findable
-        assert wait_until(lambda: not running(*daemon))
-    elif running(*daemon):  # documented: subprocess mode can lose a double-forked daemon
-        os.kill(daemon[0], signal.SIGKILL)
+    assert_nothing_survives(left, expected_at_least=3)
 
 
 @pytest.mark.skipif(not HAVE_CGROUP, reason="needs a writable cgroup with a pids controller")
@@ -471,10 +516,11 @@ async def test_environment_is_an_allow_list_without_secrets() -> None:
         "PYTHONPATH": "/elsewhere",
     }
     env, refused = build_environment(
-        {"CUDA_VISIBLE_DEVICES": "0", "GITHUB_TOKEN": "t"}, "/scratch", source
+        {"CUDA_VISIBLE_DEVICES": "0", "GITHUB_TOKEN": "t"}, "/scratch", "/scratch/tmp", source
     )
     assert refused == ["GITHUB_TOKEN"]
-    assert env["HOME"] == "/scratch" and env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert (env["HOME"], env["TMPDIR"]) == ("/scratch", "/scratch/tmp")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
     assert (env["PATH"], env["LC_ALL"], env["OMP_NUM_THREADS"]) == ("/usr/bin", "C.UTF-8", "2")
     for name in ("ANTHROPIC_API_KEY", "AWS_SECRET_ACCESS_KEY", "TORCH_HOME", "EDITOR"):
         assert name not in env

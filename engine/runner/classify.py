@@ -1,5 +1,6 @@
-"""From how a run ended (exit status, why we interrupted it, its results file, its log tail)
-to a RunStatus and one clear error line. Metrics come only from the results file."""
+"""From how a run ended (exit status, why we interrupted it, what a trusted run sent on its
+results channel, its log tail) to a RunStatus and one clear error line. Metrics come only from
+the results channel, which an untrusted run never holds: its status is its exit code's."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from engine.runner.isolation import SETUP_FAILED_EXIT, SETUP_FAILED_PREFIX, ExitInfo
 from engine.runner.types import RunRequest, RunStatus
 
-_RESULTS_MAX_BYTES = 4 * 2**20
+RESULTS_MAX_BYTES = 4 * 2**20
 _OOM_MARKS = (
     "MemoryError",
     "Cannot allocate memory",
@@ -44,18 +44,23 @@ class HarnessResults:
     error: str | None = None
 
 
-def read_results(path: Path) -> tuple[HarnessResults | None, list[str]]:
-    """The harness's results file, validated; None (with a reason) when absent or invalid."""
-    try:
-        if path.stat().st_size > _RESULTS_MAX_BYTES:
-            return None, [f"results file {path} is larger than 4 MB; ignored"]
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def parse_results(data: bytes, overflowed: bool) -> tuple[HarnessResults | None, list[str]]:
+    """What a trusted harness sent on its results channel, validated; None (with a reason)
+    when nothing, too much or something invalid came."""
+    if overflowed:
+        return None, [f"the results channel carried more than {RESULTS_MAX_BYTES} bytes; ignored"]
+    if not data:
         return None, []
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [f"results file {path} is not valid JSON: {exc}"]
-    if not isinstance(data, dict) or data.get("status") not in ("ok", "diverged", "failed"):
-        return None, [f"results file {path} has no valid status"]
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, [f"the results channel carried invalid JSON: {exc}"]
+    if not isinstance(parsed, dict) or parsed.get("status") not in ("ok", "diverged", "failed"):
+        return None, ["the results channel carried no valid status"]
+    return _validated(parsed)
+
+
+def _validated(data: dict[str, Any]) -> tuple[HarnessResults, list[str]]:
     warnings = []
     metrics: dict[str, float] = {}
     raw_metrics = data.get("metrics") or {}
@@ -160,7 +165,7 @@ def classify(
 
     if (results is not None and results.status == "diverged") or exit_code == 3:
         return verdict(RunStatus.DIVERGED, (results and results.error) or "training diverged")
-    if exit_code == 0 and results is not None and results.status == "ok":
+    if exit_code == 0 and (not request.trusted or (results is not None and results.status == "ok")):
         return verdict(RunStatus.OK, None)
     if process_limit_hit:
         return verdict(RunStatus.RESOURCE_LIMIT, f"process limit ({limits.processes}) exceeded")
@@ -176,7 +181,7 @@ def classify(
     detail = (results and results.error) or last
     if exit_code == 0:
         return verdict(
-            RunStatus.FAILED, "the harness exited 0 without writing a valid results file"
+            RunStatus.FAILED, "the harness exited 0 without a valid result on its results channel"
         )
     if exit_code == 2:
         return verdict(RunStatus.FAILED, f"the harness refused its config (exit 2): {detail}")

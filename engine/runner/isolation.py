@@ -1,10 +1,10 @@
 """Process isolation for training runs, and the one place that kills a run's processes.
 
 What every run gets, in both modes: a new session (its own process group), rlimits (address
-space, file size, open files, no core files), stdin on /dev/null, an allow-listed environment
-with a scratch HOME, a fresh network namespace where the OS allows it, no capabilities and
-no_new_privs when started as root, death with its parent, and membership of a containment
-(see `containment.py`) through which every process of the run can be found and killed.
+space, file size, open files, no core files), stdin on /dev/null, an allow-listed environment,
+death with its parent, membership of a containment (see `containment.py`) through which
+every process of the run can be found and killed, and the sandbox of `sandbox.py` (its own
+namespaces and root, an unprivileged uid, no capabilities, Landlock).
 
 Stdlib only: the subprocess mode runs this very file as a launcher script
 (`python -I -S isolation.py SETUP_JSON -- python -m harness ...`), which applies the setup
@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import re
 import resource
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+if __package__:
+    from engine.runner import sandbox
+else:  # the subprocess launcher (`python -I -S isolation.py`): load the sibling file
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    import sandbox
 
 SETUP_FAILED_EXIT = 125
 SETUP_FAILED_PREFIX = "proctor runner: isolation setup failed:"
@@ -68,10 +71,10 @@ def _is_allowed_name(name: str) -> bool:
 
 
 def build_environment(
-    extra: Mapping[str, str], home: str, source: Mapping[str, str] | None = None
+    extra: Mapping[str, str], home: str, tmp: str, source: Mapping[str, str] | None = None
 ) -> tuple[dict[str, str], list[str]]:
     """The environment of a run: allow-listed variables of `source` (default os.environ), the
-    caller's extras, a scratch HOME/TMPDIR. Returns it with the extra names refused as secrets."""
+    caller's extras, HOME and TMPDIR. Returns it with the extra names refused as secrets."""
     source = os.environ if source is None else source
     secret_values = [v for k, v in source.items() if is_secret_name(k) and len(v) >= 8]
     env = {k: v for k, v in source.items() if _is_allowed_name(k) and not is_secret_name(k)}
@@ -86,7 +89,7 @@ def build_environment(
     env.setdefault("PATH", os.defpath)
     env.update(_FIXED)
     env["HOME"] = home
-    env["TMPDIR"] = str(Path(home) / "tmp")
+    env["TMPDIR"] = tmp
     return env, refused
 
 
@@ -95,15 +98,16 @@ def build_environment(
 
 @dataclass(frozen=True)
 class ChildSetup:
-    """Everything a freshly forked run applies to itself before any harness code runs."""
+    """Everything a freshly forked run applies to itself before any harness code runs.
+    `sandbox` None (no sandbox) exists only for the overhead benchmark's comparison."""
 
     workspace: str
     memory_bytes: int | None = None
     file_size_bytes: int | None = None
     open_files: int | None = None
     cgroup_dir: str | None = None
-    new_network: bool = False
-    drop_privileges: bool = False
+    sandbox: sandbox.SandboxSpec | None = None
+    results_channel: bool = False  # fd 3 is the results pipe and must stay open
     die_with_parent: bool = True
 
     def to_json(self) -> str:
@@ -111,45 +115,19 @@ class ChildSetup:
 
     @classmethod
     def from_json(cls, text: str) -> ChildSetup:
-        return cls(**json.loads(text))
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChildSetup:
+        values = dict(data)
+        if values.get("sandbox") is not None:
+            values["sandbox"] = sandbox.SandboxSpec.from_dict(values["sandbox"])
+        return cls(**values)
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_CAPBSET_DROP = 24
 _PR_SET_CHILD_SUBREAPER = 36
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_CLONE_NEWNET = 0x40000000
-
-
-def _prctl(option: int, arg: int, what: str) -> None:
-    prctl = _c().prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    _check(prctl(option, arg, 0, 0, 0), what)
-
-
-def set_dumpable(dumpable: bool) -> None:
-    """PR_SET_DUMPABLE: a non-dumpable process's /proc files (environ, mem) are closed to
-    same-user processes without CAP_SYS_PTRACE, i.e. to the runs."""
-    _prctl(_PR_SET_DUMPABLE, int(dumpable), "prctl(PR_SET_DUMPABLE)")
+set_dumpable = sandbox.set_dumpable
+set_parent_death_signal = sandbox.set_parent_death_signal
 
 
 def make_non_dumpable() -> bool:
@@ -161,55 +139,13 @@ def make_non_dumpable() -> bool:
     return True
 
 
-def set_parent_death_signal(sig: int) -> None:
-    """Receive `sig` when the parent (thread) that forked us exits."""
-    _prctl(_PR_SET_PDEATHSIG, sig, "prctl(PR_SET_PDEATHSIG)")
-
-
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (so double-forked processes stay findable under us)."""
     try:
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1, "prctl(PR_SET_CHILD_SUBREAPER)")
+        sandbox.prctl(_PR_SET_CHILD_SUBREAPER, 1, "prctl(PR_SET_CHILD_SUBREAPER)")
     except (OSError, AttributeError):
         return False
     return True
-
-
-def _unshare_network() -> None:
-    unshare = _c().unshare
-    unshare.argtypes = [ctypes.c_int]
-    _check(unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-def _drop_privileges() -> None:
-    """Drop every capability (bounding set too, so an exec as uid 0 regains none) and set
-    no_new_privs. Without CAP_SYS_PTRACE a root child cannot read a non-dumpable parent's
-    /proc/<pid>/environ."""
-    if os.geteuid() == 0:
-        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-        for cap in range(last + 1):
-            try:
-                _prctl(_PR_CAPBSET_DROP, cap, f"prctl(PR_CAPBSET_DROP, {cap})")
-            except OSError:
-                break  # no CAP_SETPCAP (a restricted container): the capset below still holds
-        with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
-            _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT)")
-        header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-        data = (_CapData * 2)()
-        _check(_c().capset(ctypes.byref(header), data), "capset")
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def _set_limit(kind: int, value: int) -> None:
@@ -221,12 +157,12 @@ def _set_limit(kind: int, value: int) -> None:
 
 def apply_child_setup(setup: ChildSetup) -> None:
     """Apply the setup to the calling process (a run's leader, before any harness code).
+    Returns in the process that is to run the harness: with a sandbox, that is H, two forks
+    below the caller (see `sandbox.py`), confined and in the workspace.
 
-    Order matters: cgroup and network namespace need privileges that are dropped last."""
+    Order matters: the cgroup is joined while still privileged; the sandbox comes last."""
     if setup.cgroup_dir is not None:
         Path(setup.cgroup_dir, "cgroup.procs").write_text(str(os.getpid()))
-    if setup.new_network:
-        _unshare_network()
     _set_limit(resource.RLIMIT_CORE, 0)
     if setup.memory_bytes is not None:
         _set_limit(resource.RLIMIT_AS, setup.memory_bytes)
@@ -236,27 +172,11 @@ def apply_child_setup(setup: ChildSetup) -> None:
         _set_limit(resource.RLIMIT_NOFILE, setup.open_files)
     if setup.die_with_parent:
         set_parent_death_signal(signal.SIGKILL)
-    if setup.drop_privileges:
-        _drop_privileges()
-    os.chdir(setup.workspace)
-
-
-@functools.cache
-def network_isolation_problem() -> str | None:
-    """None when runs can get a fresh network namespace here, else why not (probed once)."""
-    try:
-        completed = subprocess.run(
-            [sys.executable, "-I", "-S", __file__, "--probe-network"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"probe failed: {exc}"
-    if completed.returncode == 0:
-        return None
-    return completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "unknown"
+    if setup.sandbox is None:
+        sandbox.drop_privileges()
+        os.chdir(setup.workspace)
+    else:
+        sandbox.enter(setup.sandbox)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -433,35 +353,50 @@ def cgroup_members(cgroup_dir: str) -> set[int]:
 
 
 def kill_orphan(identity: ProcessIdentity) -> bool:
-    """Kill what is left of a run whose supervisor died: its process group when the leader pid
-    still exists with the same start time (a recycled pid is never hit), and every process of
-    its cgroup. With the leader gone, only group members started after it are killed.
-    Returns whether anything was killed."""
-    leader = read_stat(identity.pid)
-    if leader is not None and leader.start_time != identity.start_time:
-        leader_matches = False
-        group_usable = False  # the pid was recycled: its group is someone else's
-    else:
-        leader_matches = leader is not None and leader.running
-        group_usable = True
+    """Kill what is left of a run whose supervisor died, from its recorded identity (which a
+    crash may have left stale, and which proctor does not take on trust): every member of its
+    cgroup when that is a real proctor run cgroup, and its leader's process group only when
+    the leader is provably the run's (see `_is_run_leader`). Returns whether anything was
+    killed."""
+    cgroup = identity.cgroup if identity.cgroup and _is_proctor_cgroup(identity.cgroup) else None
+    leader_is_ours = _is_run_leader(identity, cgroup)
 
     def members() -> set[int]:
-        found = set()
-        if identity.cgroup and _is_proctor_cgroup(identity.cgroup):
-            found |= cgroup_members(identity.cgroup)
-        if group_usable:
-            found |= {
-                p.pid
-                for p in all_processes()
-                if p.pgid == identity.pgid and p.running and p.start_time >= identity.start_time
-            }
+        found = cgroup_members(cgroup) if cgroup else set()
+        if leader_is_ours and is_running(identity.pid, identity.start_time):
+            found.add(identity.pid)
         return found
 
-    killed = kill_run_now(identity.pgid if leader_matches else None, members)
-    if identity.cgroup and _is_proctor_cgroup(identity.cgroup):
+    killed = kill_run_now(identity.pgid if leader_is_ours else None, members)
+    if cgroup:
         with contextlib.suppress(OSError):  # still busy, or already gone
-            os.rmdir(identity.cgroup)
-    return killed or leader_matches
+            os.rmdir(cgroup)
+    return killed
+
+
+def _is_run_leader(identity: ProcessIdentity, cgroup: str | None) -> bool:
+    """Whether identity.pid is still that run's leader: the same start time, its own session
+    and group leader, the sandbox's namespaces made below it, and a member of the run's cgroup
+    where the run had one. A recycled pid or a forged identity fails one of these."""
+    stat = read_stat(identity.pid)
+    if stat is None or not stat.running or stat.start_time != identity.start_time:
+        return False
+    if not (stat.pid == stat.pgid == stat.sid == identity.pgid):
+        return False
+    if identity.cgroup and (cgroup is None or identity.pid not in cgroup_members(cgroup)):
+        return False
+    return _made_pid_namespace(identity.pid)
+
+
+def _made_pid_namespace(pid: int) -> bool:
+    """Whether the process unshared a PID namespace for its children (as a sandboxed run's
+    leader does, and an unrelated process does not)."""
+    try:
+        own = os.readlink(f"/proc/{pid}/ns/pid")
+        children = os.readlink(f"/proc/{pid}/ns/pid_for_children")
+    except OSError:
+        return False
+    return own != children
 
 
 def _is_proctor_cgroup(path: str) -> bool:
@@ -473,23 +408,18 @@ def _is_proctor_cgroup(path: str) -> bool:
 
 
 def _launch(argv: list[str]) -> None:
-    """Script entry: apply the setup, close inherited descriptors, exec the command."""
-    if argv[:1] == ["--probe-network"]:
-        try:
-            _unshare_network()
-        except OSError as exc:
-            print(exc, file=sys.stderr)
-            os._exit(1)
-        os._exit(0)
+    """Script entry: apply the setup, close inherited descriptors (but the results channel),
+    exec the command in the harness process."""
     if len(argv) < 3 or argv[1] != "--":
         print("usage: isolation.py SETUP_JSON -- COMMAND...", file=sys.stderr)
         os._exit(2)
     try:
-        apply_child_setup(ChildSetup.from_json(argv[0]))
+        setup = ChildSetup.from_json(argv[0])
+        apply_child_setup(setup)
     except (OSError, ValueError, TypeError) as exc:
         print(f"{SETUP_FAILED_PREFIX} {exc}", file=sys.stderr, flush=True)
         os._exit(SETUP_FAILED_EXIT)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(4 if setup.results_channel else 3, os.sysconf("SC_OPEN_MAX"))
     command = argv[2:]
     os.execv(command[0], command)
 

@@ -19,7 +19,8 @@ _BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 class OutputSink:
-    """Consumes a run's output chunks. Lines split on \\n, \\r\\n and \\r."""
+    """Consumes a run's output chunks. Lines split on \\n, \\r\\n and \\r. With `append`,
+    the log continues an existing file (the cap counts this run's bytes)."""
 
     def __init__(
         self,
@@ -29,6 +30,7 @@ class OutputSink:
         line_cap: int = LINE_CAP,
         tail_lines: int = 200,
         max_pending_lines: int = 1000,
+        append: bool = False,
     ) -> None:
         self.log_path = log_path
         self.log_cap_bytes = log_cap_bytes
@@ -38,7 +40,7 @@ class OutputSink:
         self.last_output_at = time.monotonic()
         self.log_truncated = False
         self.warnings: list[str] = []
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in finish)
+        self._log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 (closed in finish)
         self._logged = 0
         self._dropped_bytes = 0
         self._partial = bytearray()
@@ -156,6 +158,29 @@ class PipeReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.sink.feed(data)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof.set()
+
+
+class ChannelReader(asyncio.Protocol):
+    """Collects what a trusted run writes on its results channel, up to `cap` bytes (more is
+    drained and dropped, so the writer never blocks); `eof` is set when every writer closed it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.overflowed = False
+        self.eof = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        room = self.cap - len(self.data)
+        self.data += data[: max(room, 0)]
+        self.overflowed |= len(data) > room
 
     def eof_received(self) -> bool:
         self.eof.set()

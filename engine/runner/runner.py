@@ -1,8 +1,10 @@
 """The Runner: one run at a time, the same supervision for both modes.
 
 A mode only knows how to start a run's leader (`_spawn`); everything else is here: the
-scratch HOME and environment, containment, the output pipe and log, wall-clock/no-output
-timeouts, the process limit, stop, cleanup of every process of the run, classification.
+sandbox of the run (and handing its writable paths to the sandbox uid when root), the
+environment, containment, the output pipe and log, the results channel of a trusted run,
+wall-clock/no-output timeouts, the process limit, stop, cleanup of every process of the run,
+classification.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from engine.runner import isolation
-from engine.runner.classify import Interruption, classify, read_results, traceback_tail
+from engine.runner import isolation, sandbox
+from engine.runner.classify import (
+    RESULTS_MAX_BYTES,
+    HarnessResults,
+    Interruption,
+    classify,
+    parse_results,
+    traceback_tail,
+)
 from engine.runner.containment import Containment, ContainmentChoice, make_containment
 from engine.runner.isolation import ChildSetup, ExitInfo, ProcessIdentity
-from engine.runner.output import OutputSink, PipeReader
+from engine.runner.output import ChannelReader, OutputSink, PipeReader
+from engine.runner.sandbox import SandboxSpec
 from engine.runner.types import RunRequest, RunResult, RunStatus
 
 OutputCallback = Callable[[list[str]], None]
@@ -56,15 +66,17 @@ class _ActiveRun:
 
 
 class Runner(ABC):
-    """Runs harness modules in isolated fresh processes, one run at a time.
+    """Runs harness modules in sandboxed fresh processes, one run at a time.
 
     A Runner belongs to the event loop that first uses it. Creating one makes this process
-    non-dumpable, so runs cannot read its /proc/<pid>/environ."""
+    non-dumpable, so runs cannot read its /proc/<pid>/environ. `sandbox=False` exists only so
+    the overhead benchmark can print the unsandboxed figure next to the sandboxed one."""
 
     mode: ClassVar[str]
 
-    def __init__(self, *, containment: ContainmentChoice = "auto") -> None:
+    def __init__(self, *, containment: ContainmentChoice = "auto", sandbox: bool = True) -> None:
         self._containment_choice = containment
+        self._sandboxed = sandbox
         self._lock: asyncio.Lock | None = None
         self._active: _ActiveRun | None = None
         self._closed = False
@@ -111,9 +123,15 @@ class Runner(ABC):
     # -- what a mode provides
     @abstractmethod
     async def _spawn(
-        self, request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+        self,
+        request: RunRequest,
+        setup: ChildSetup,
+        env: dict[str, str],
+        output_fd: int,
+        results_fd: int | None,
     ) -> Spawned:
-        """Start the run's leader with `setup` applied, stdout/stderr on `output_fd`."""
+        """Start the run's leader with `setup` applied, stdout/stderr on `output_fd` and, for a
+        trusted run, `results_fd` as its fd 3."""
 
     async def _close_mode(self) -> None:
         return None
@@ -128,22 +146,23 @@ class Runner(ABC):
         started_at = time.monotonic()
         limits = request.limits
         warnings: list[str] = [self._dumpable_warning] if self._dumpable_warning else []
-        results_path = Path(request.results_path).absolute()
+        warnings.extend(await self._sandbox_warnings())
         log_path = Path(request.log_path).absolute()
         sink: OutputSink | None = None
         containment: Containment | None = None
         home: Path | None = None
         try:
-            results_path.unlink(missing_ok=True)  # a stale result must never count for this run
-            results_path.parent.mkdir(parents=True, exist_ok=True)
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            sink = OutputSink(log_path, log_cap_bytes=int(limits.log_mb * 2**20))
+            sink = OutputSink(
+                log_path, log_cap_bytes=int(limits.log_mb * 2**20), append=request.append_log
+            )
             containment, containment_warning = make_containment(
                 self._containment_choice, limits.processes
             )
             _remove_stale_scratch()
             home = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}run-{os.getpid()}-"))
             (home / "tmp").mkdir()
+            spec = self._sandbox_spec(request, home)
         except (OSError, RuntimeError) as exc:
             if sink is not None:
                 sink.finish()
@@ -154,32 +173,34 @@ class Runner(ABC):
             return _refused(f"cannot prepare the run: {exc}")
         if containment_warning:
             warnings.append(containment_warning)
-        env, refused = isolation.build_environment(request.env, str(home))
+        env, refused = isolation.build_environment(request.env, *self._home_and_tmp(home))
         if refused:
             warnings.append(f"refused variables that look like secrets: {', '.join(refused)}")
-        network_problem = isolation.network_isolation_problem()
-        if network_problem is not None:
-            warnings.append(f"runs have network access (no network namespace: {network_problem})")
         setup = ChildSetup(
-            workspace=str(Path(request.workspace).absolute()),
+            workspace=str(Path(request.workspace).resolve()),
             memory_bytes=limits.memory_mb * 2**20 if limits.memory_mb else None,
             file_size_bytes=limits.file_size_mb * 2**20 if limits.file_size_mb else None,
             open_files=limits.open_files,
             cgroup_dir=containment.cgroup_dir,
-            new_network=network_problem is None,
-            drop_privileges=True,
+            sandbox=spec,
+            results_channel=request.trusted,
         )
         deliver = _Delivery(on_output, warnings)
         active = _ActiveRun()
         self._active = active
         read_fd, write_fd = os.pipe()
+        channel = _ResultsChannel() if request.trusted else None
         transport: asyncio.BaseTransport | None = None
         spawned: Spawned | None = None
         try:
             try:
-                spawned = await self._spawn(request, setup, env, write_fd)
+                spawned = await self._spawn(
+                    request, setup, env, write_fd, channel.write_fd if channel else None
+                )
             finally:
                 os.close(write_fd)
+                if channel is not None:
+                    channel.close_write_end()
             warnings.extend(spawned.warnings)
             sink.last_output_at = time.monotonic()  # silence counts from the start, not the spawn
             ended_at: list[float] = []
@@ -190,6 +211,8 @@ class Runner(ABC):
             pipe = os.fdopen(read_fd, "rb", buffering=0)
             read_fd = -1
             transport, _ = await loop.connect_read_pipe(lambda: reader, pipe)
+            if channel is not None:
+                await channel.listen()
             if on_started is not None:
                 on_started(spawned.identity)
 
@@ -210,6 +233,9 @@ class Runner(ABC):
             sink.finish()
             deliver(sink.take_batch())
             wall_s = (ended_at[0] if ended_at else time.monotonic()) - started_at
+            results, result_warnings = (
+                await channel.results() if channel is not None else (None, [])
+            )
         except BaseException:
             if spawned is not None:  # cancelled or on_started failed: nothing may survive
                 pgid = spawned.identity.pgid
@@ -221,6 +247,8 @@ class Runner(ABC):
                 transport.close()
             if read_fd >= 0:
                 os.close(read_fd)
+            if channel is not None:
+                channel.close()
             sink.finish()
             containment.close()
             shutil.rmtree(home, ignore_errors=True)
@@ -228,7 +256,6 @@ class Runner(ABC):
             active.done.set()
 
         warnings.extend(sink.warnings)
-        results, result_warnings = read_results(results_path)
         warnings.extend(result_warnings)
         tail = traceback_tail(list(sink.tail))
         verdict = classify(request, ended, interruption, results, tail, limit_hit)
@@ -246,6 +273,44 @@ class Runner(ABC):
             log_truncated=sink.log_truncated,
             warnings=tuple(dict.fromkeys(warnings)),
         )
+
+    # -- the sandbox
+    async def _sandbox_warnings(self) -> list[str]:
+        """One loud line per sandbox layer this machine lacks (probed once per process)."""
+        if not self._sandboxed:
+            return ["SANDBOX OFF: this runner runs code unsandboxed (benchmark comparison only)"]
+        loop = asyncio.get_running_loop()
+        missing = await loop.run_in_executor(None, sandbox.missing_layers)
+        return [f"SANDBOX LAYER MISSING: {layer.name}: {layer.detail}" for layer in missing]
+
+    def _sandbox_spec(self, request: RunRequest, home: Path) -> SandboxSpec | None:
+        """What the run may see; as root, an untrusted run's writable paths become the
+        sandbox uid's first."""
+        if not self._sandboxed:
+            return None
+        run_as = sandbox.SANDBOX_UID if os.geteuid() == 0 and not request.trusted else None
+        workspace = Path(request.workspace).resolve()
+        read_write = [Path(path).resolve() for path in request.read_write]
+        if run_as is not None:
+            for path in (workspace, *read_write, home):
+                _hand_over(path, run_as)
+        return SandboxSpec(
+            workspace=str(workspace),
+            read_only=tuple(str(Path(path).resolve()) for path in request.read_only),
+            read_write=tuple(map(str, read_write)),
+            hide=tuple(str(Path(path).absolute()) for path in request.hide),
+            python_paths=sandbox.python_paths(),
+            run_as=run_as,
+            scratch=str(home),
+        )
+
+    def _home_and_tmp(self, home: Path) -> tuple[str, str]:
+        """Inside a new root the private /tmp is both; without one, the scratch folder."""
+        if self._sandboxed and not any(
+            layer.name == "filesystem view" for layer in sandbox.missing_layers()
+        ):
+            return "/tmp", "/tmp"
+        return str(home), str(home / "tmp")
 
     async def _watch(
         self,
@@ -306,6 +371,51 @@ async def _leader_exit(spawned: Spawned) -> ExitInfo:
         return ExitInfo(None, lost="the run's leader did not exit after SIGKILL")
 
 
+class _ResultsChannel:
+    """The pipe a trusted run reports on: its write end becomes the child's fd 3; the read end
+    is drained while the run goes (so a big report never blocks it) and parsed at the end."""
+
+    def __init__(self) -> None:
+        self._read_fd, self.write_fd = os.pipe()
+        self._reader = ChannelReader(RESULTS_MAX_BYTES)
+        self._transport: asyncio.BaseTransport | None = None
+
+    def close_write_end(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    async def listen(self) -> None:
+        pipe = os.fdopen(self._read_fd, "rb", buffering=0)
+        self._read_fd = -1
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_read_pipe(lambda: self._reader, pipe)
+
+    async def results(self) -> tuple[HarnessResults | None, list[str]]:
+        """What the run sent, once every holder of the write end is gone."""
+        try:
+            await asyncio.wait_for(self._reader.eof.wait(), _DRAIN_DEADLINE_S)
+        except TimeoutError:
+            return None, ["a process outside the run still held the results channel open"]
+        return parse_results(bytes(self._reader.data), self._reader.overflowed)
+
+    def close(self) -> None:
+        self.close_write_end()
+        if self._transport is not None:
+            self._transport.close()
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+
+def _hand_over(path: Path, uid: int) -> None:
+    """chown a tree to `uid` (links themselves, never what they point to)."""
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for top, folders, files in os.walk(path):
+        for name in (*folders, *files):
+            os.chown(os.path.join(top, name), uid, uid, follow_symlinks=False)
+
+
 class _Delivery:
     """Hands batches to the caller's callback; a failing callback is reported once and then
     left alone, never allowed to break the run."""
@@ -338,6 +448,9 @@ def _request_problem(request: RunRequest) -> str | None:
         return f"workspace {request.workspace} is not a directory"
     if not _MODULE_NAME.match(request.harness):
         return f"harness {request.harness!r} is not a module name"
+    for path in (*request.read_only, *request.read_write):
+        if not Path(path).exists():
+            return f"{path} does not exist (it cannot be shown to the run)"
     return None
 
 

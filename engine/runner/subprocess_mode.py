@@ -2,7 +2,8 @@
 
 The leader is `python -I -S isolation.py SETUP -- python -m <harness> ...`, spawned with
 posix_spawn (no fork of the supervisor, safe with threads) in a new session; the launcher
-applies the setup and execs the harness, so the harness process is the leader itself."""
+applies the setup (the sandbox forks the harness process below it) and execs the harness
+there. A trusted run's results channel is the launcher's fd 3, kept open across the exec."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from engine.runner.types import RunRequest
 
 
 def spawn_subprocess(
-    request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+    request: RunRequest,
+    setup: ChildSetup,
+    env: dict[str, str],
+    output_fd: int,
+    results_fd: int | None,
 ) -> Spawned:
     """Start a run as a fresh interpreter; must be called from the event loop's thread (the
     leader's parent-death signal is tied to the thread that spawned it)."""
@@ -32,19 +37,16 @@ def spawn_subprocess(
         sys.executable,
         "-m",
         request.harness,
-        *request.harness_argv(),
+        *request.argv,
     ]
-    pid = os.posix_spawn(
-        sys.executable,
-        argv,
-        env,
-        file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, output_fd, 1),
-            (os.POSIX_SPAWN_DUP2, output_fd, 2),
-        ],
-        setsid=True,
-    )
+    file_actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, output_fd, 1),
+        (os.POSIX_SPAWN_DUP2, output_fd, 2),
+    ]
+    if results_fd is not None:
+        file_actions.append((os.POSIX_SPAWN_DUP2, results_fd, 3))
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=file_actions, setsid=True)
     stat = isolation.read_stat(pid)  # unreaped, so it is there even if the child already exited
     assert stat is not None
     ended = asyncio.ensure_future(isolation.wait_for_exit(pid))
@@ -68,6 +70,11 @@ class SubprocessRunner(Runner):
     mode = "subprocess"
 
     async def _spawn(
-        self, request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+        self,
+        request: RunRequest,
+        setup: ChildSetup,
+        env: dict[str, str],
+        output_fd: int,
+        results_fd: int | None,
     ) -> Spawned:
-        return spawn_subprocess(request, setup, env, output_fd)
+        return spawn_subprocess(request, setup, env, output_fd, results_fd)

@@ -17,31 +17,28 @@ __all__ = ["ProcessIdentity", "RunRequest", "RunResult", "RunStatus"]
 
 @dataclass(frozen=True)
 class RunRequest:
-    """One run of a harness module (`python -m <harness> --config C --results R [extra]`) with
-    cwd = `workspace`, which holds that node's `models/` package.
+    """One sandboxed run of `python -m <harness> <argv...>` with cwd = `workspace`, which holds
+    the node's `models/` package.
 
-    `env` adds variables to the allow-listed environment (e.g. CUDA_VISIBLE_DEVICES); names
-    that look like credentials are refused whatever the caller says."""
+    The run sees the workspace (writable), `read_write` and `read_only` host paths at their own
+    place, the system and the Python installation read-only, and nothing else; `hide` masks
+    key files even inside an exposed path. Only a `trusted` run (no editable code in it) gets
+    the results channel (fd 3); an untrusted run reports by exit code alone. `env` adds
+    variables to the allow-listed environment (e.g. CUDA_VISIBLE_DEVICES); names that look
+    like credentials are refused whatever the caller says."""
 
-    workspace: Path
-    config_path: Path
-    results_path: Path
+    workspace: Path  # cwd and sys.path[0] of the run; writable; holds the node's models/ package
+    argv: tuple[str, ...]  # arguments after `python -m <harness>`
     log_path: Path
     harness: str = "models.harness"
-    extra_args: tuple[str, ...] = ()
+    read_only: tuple[Path, ...] = ()  # extra host paths the run may read (same path inside)
+    read_write: tuple[Path, ...] = ()  # extra host paths the run may write
+    hide: tuple[Path, ...] = ()  # paths that must stay invisible even inside an exposed one
+    trusted: bool = False  # True: no editable code runs in it (prepare/score steps)
+    append_log: bool = False  # append to log_path (several steps share one training.log)
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     env: Mapping[str, str] = field(default_factory=dict)
-
-    def harness_argv(self) -> list[str]:
-        """The harness's arguments (absolute paths: the child runs in the workspace)."""
-        return [
-            "--config",
-            str(Path(self.config_path).absolute()),
-            "--results",
-            str(Path(self.results_path).absolute()),
-            *self.extra_args,
-        ]
 
 
 class RunStatus(StrEnum):
@@ -57,7 +54,8 @@ class RunStatus(StrEnum):
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one run came to. Metrics come only from the harness's results file."""
+    """What one run came to. Metrics and hyperparameters come only from the results channel of
+    a trusted run."""
 
     status: RunStatus
     exit_code: int | None

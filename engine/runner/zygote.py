@@ -2,10 +2,10 @@
 
 The supervisor keeps one zygote (see `zygote_server.py`) per runner, started lazily on the
 first run and restarted on the next run after it dies or when the run environment changes.
-Per run it sends the request and the write end of the run's output pipe (SCM_RIGHTS); the
-supervisor reads the output itself, and the zygote reports the leader's pid, start time,
-exit status and peak RSS. If no zygote can be started the run falls back to a fresh
-subprocess, with a warning.
+Per run it sends the request and the write end of the run's output pipe (SCM_RIGHTS), and
+for a trusted run the write end of its results channel; the supervisor reads both itself,
+and the zygote reports the leader's pid, start time, exit status and peak RSS. If no zygote
+can be started the run falls back to a fresh subprocess, with a warning.
 """
 
 from __future__ import annotations
@@ -146,7 +146,12 @@ class _Zygote:
                 future.set_result(ExitInfo(message["status"], message.get("maxrss_kb")))
 
     async def spawn(
-        self, request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+        self,
+        request: RunRequest,
+        setup: ChildSetup,
+        env: dict[str, str],
+        output_fd: int,
+        results_fd: int | None,
     ) -> Spawned:
         request_id = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
@@ -154,12 +159,13 @@ class _Zygote:
         message = {
             "id": request_id,
             "harness": request.harness,
-            "argv": request.harness_argv(),
+            "argv": list(request.argv),
             "env": env,
             "setup": json.loads(setup.to_json()),
         }
+        fds = [output_fd] if results_fd is None else [output_fd, results_fd]
         try:
-            socket.send_fds(self.sock, [json.dumps(message).encode()], [output_fd])
+            socket.send_fds(self.sock, [json.dumps(message).encode()], fds)
         except OSError as exc:
             self._started.pop(request_id, None)
             raise ZygoteLost(f"cannot reach the zygote: {exc}") from None
@@ -203,8 +209,9 @@ class ZygoteRunner(Runner):
         *,
         preload: Sequence[str] = DEFAULT_PRELOAD,
         containment: ContainmentChoice = "auto",
+        sandbox: bool = True,
     ) -> None:
-        super().__init__(containment=containment)
+        super().__init__(containment=containment, sandbox=sandbox)
         self._preload = tuple(preload)
         self._zygote: _Zygote | None = None
 
@@ -214,7 +221,12 @@ class ZygoteRunner(Runner):
         return self._zygote.pid if self._zygote is not None and not self._zygote.dead else None
 
     async def _spawn(
-        self, request: RunRequest, setup: ChildSetup, env: dict[str, str], output_fd: int
+        self,
+        request: RunRequest,
+        setup: ChildSetup,
+        env: dict[str, str],
+        output_fd: int,
+        results_fd: int | None,
     ) -> Spawned:
         problem = ""
         for _ in range(2):  # a zygote found dead at the send gets one replacement
@@ -230,7 +242,7 @@ class ZygoteRunner(Runner):
             try:
                 if self._zygote is None:
                     self._zygote = await _Zygote.start(env, self._preload)
-                spawned = await self._zygote.spawn(request, setup, env, output_fd)
+                spawned = await self._zygote.spawn(request, setup, env, output_fd, results_fd)
             except (OSError, ZygoteLost, TimeoutError) as exc:
                 problem = str(exc) or type(exc).__name__
                 await self._close_mode()
@@ -240,7 +252,7 @@ class ZygoteRunner(Runner):
             if fresh:
                 spawned.warnings = self._zygote.warnings
             return spawned
-        spawned = spawn_subprocess(request, setup, env, output_fd)
+        spawned = spawn_subprocess(request, setup, env, output_fd, results_fd)
         spawned.warnings = (f"zygote unavailable ({problem}); this run used a fresh subprocess",)
         return spawned
 

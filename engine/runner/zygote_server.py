@@ -5,14 +5,17 @@ Started by ZygoteRunner as `python -m engine.runner.zygote_server --control-fd 3
 scrubbed environment. Messages are JSON, one per SOCK_SEQPACKET packet on the control socket:
 
   supervisor -> zygote  {"id", "harness", "argv", "env", "setup"} + the run's output pipe fd
+                        (+ its results channel, when setup.results_channel: the run's fd 3)
   zygote -> supervisor  {"type": "ready", "pid", "warnings"}
                         {"type": "started", "id", "pid", "start_time"}
                         {"type": "failed", "id", "error"}
                         {"type": "exit", "pid", "status", "maxrss_kb"}
 
 The zygote dies with the supervisor (PR_SET_PDEATHSIG, and EOF on the control socket); each
-run child dies with the zygote. The zygote is a child subreaper, so a run's orphans stay its
-descendants and can be found. It is non-dumpable: runs cannot read its environment.
+run child dies with the zygote. A run child is the run's leader; the sandbox (see
+`sandbox.py`) forks the process that runs the harness below it. The zygote is a child
+subreaper, so a run's orphans stay its descendants and can be found. It is non-dumpable:
+runs cannot read its environment.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+                data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
                 if not data:
                     return 0  # the supervisor closed the channel; our runs die with us
                 _start_run(sock, json.loads(data), fds, runs)
@@ -96,22 +99,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_run(sock: socket.socket, request: dict, fds: list[int], runs: set[int]) -> None:
-    if len(fds) != 1:
+    expected = 2 if request.get("setup", {}).get("results_channel") else 1
+    if len(fds) != expected:
         for fd in fds:
             os.close(fd)
-        _send(sock, {"type": "failed", "id": request.get("id"), "error": "no output pipe sent"})
+        error = f"expected {expected} descriptors, got {len(fds)}"
+        _send(sock, {"type": "failed", "id": request.get("id"), "error": error})
         return
-    output_fd = fds[0]
     try:
         pid = os.fork()
     except OSError as exc:
-        os.close(output_fd)
+        for fd in fds:
+            os.close(fd)
         _send(sock, {"type": "failed", "id": request["id"], "error": f"fork failed: {exc}"})
         return
     if pid == 0:
-        _become_run(request, output_fd)
+        _become_run(request, fds)
     gc.freeze()  # objects made while serving stay out of the children's collections too
-    os.close(output_fd)
+    for fd in fds:
+        os.close(fd)
     stat = isolation.read_stat(pid)  # not reaped before the next select: always readable
     runs.add(pid)
     start_time = stat.start_time if stat is not None else None
@@ -133,8 +139,9 @@ def _reap(sock: socket.socket, runs: set[int]) -> None:
             _send(sock, report)
 
 
-def _become_run(request: dict, output_fd: int) -> None:
-    """In the forked child: become the run's leader and run the harness. Never returns."""
+def _become_run(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the run's leader and (in the sandbox's harness process
+    below it) run the harness. Never returns."""
     code = 1
     try:
         os.setsid()
@@ -142,11 +149,15 @@ def _become_run(request: dict, output_fd: int) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.dup2(output_fd, 1)
-        os.dup2(output_fd, 2)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the control socket above all
+        os.dup2(fds[0], 1)
+        os.dup2(fds[0], 2)
+        first_unused = 3
+        if len(fds) == 2:
+            os.dup2(fds[1], 3)  # the results channel, where a fresh process would have it
+            first_unused = 4
+        os.closerange(first_unused, os.sysconf("SC_OPEN_MAX"))  # the control socket above all
         try:
-            isolation.apply_child_setup(isolation.ChildSetup(**request["setup"]))
+            isolation.apply_child_setup(isolation.ChildSetup.from_dict(request["setup"]))
         except (OSError, ValueError, TypeError) as exc:
             print(f"{isolation.SETUP_FAILED_PREFIX} {exc}", file=sys.stderr, flush=True)
             os._exit(isolation.SETUP_FAILED_EXIT)

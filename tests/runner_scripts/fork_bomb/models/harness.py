@@ -6,7 +6,7 @@ import time
 from models import fakekit
 
 if __name__ == "__main__":
-    config, _ = fakekit.args()
+    config = fakekit.args()
     fakekit.note_pid()
     for _ in range(config.get("count", 40)):
         pid = os.fork()

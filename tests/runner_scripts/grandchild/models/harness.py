@@ -19,7 +19,7 @@ def detached_daemon() -> None:
 
 
 if __name__ == "__main__":
-    config, results = fakekit.args()
+    config = fakekit.args()
     fakekit.note_pid()
     child = subprocess.Popen(["sleep", "60"])
     fakekit.note_pid(child.pid)
@@ -32,4 +32,4 @@ if __name__ == "__main__":
     if config.get("hang"):
         while True:
             time.sleep(0.05)
-    fakekit.write_results(results, "ok", {"final_r2": 0.5})
+    fakekit.write_results("ok", {"final_r2": 0.5})

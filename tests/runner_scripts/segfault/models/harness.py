@@ -7,7 +7,7 @@ import signal
 from models import fakekit
 
 if __name__ == "__main__":
-    config, _ = fakekit.args()
+    config = fakekit.args()
     fakekit.note_pid()
     print("about to crash", flush=True)
     if config.get("how") == "signal":

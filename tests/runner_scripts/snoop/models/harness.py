@@ -21,7 +21,7 @@ def parent_of(pid: int) -> int:
 
 
 if __name__ == "__main__":
-    config, results = fakekit.args()
+    config = fakekit.args()
     fakekit.note_pid()
     ancestors = [os.getppid(), parent_of(os.getppid())]
     environs = {str(pid): read_environ(pid) for pid in ancestors}
@@ -35,7 +35,6 @@ if __name__ == "__main__":
     for name, value in os.environ.items():
         print(f"{name}={value}")
     fakekit.write_results(
-        results,
         "ok",
         {"final_r2": 0.5},
         hyperparameters={
