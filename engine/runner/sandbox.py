@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 SANDBOX_UID = 65534  # nobody: an untrusted run's uid when proctor runs as root
+MISSING_PREFIX = "proctor sandbox: layer missing: "  # what a run prints first when it lacks one
 _STATUS_BYTES = 4
 
 # ---------------------------------------------------------------------------- syscalls
@@ -551,23 +552,27 @@ def enter(spec: SandboxSpec) -> Confinement:
         flags |= _CLONE_NEWUSER
     try:
         check(libc().unshare(flags), "unshare")
-        if uid != 0:
-            _map_ids(uid, gid)
     except OSError as exc:
         reason = f"no namespaces ({exc.strerror or exc}); Landlock alone"
         missing = {name: reason for name in ("pid namespace", "proc", "network namespace",
                                               "filesystem view")}
         return _confine(spec, plan, root_built=False, missing=missing)
+    if uid != 0:
+        _map_ids(uid, gid)
     set_parent_death_signal(signal.SIGKILL)  # a credential change may have cleared it
     return _fork_init(spec, plan)
 
 
 def _map_ids(uid: int, gid: int) -> None:
     """In a fresh user namespace: keep our own uid and gid (the only ones we may map)."""
+    # A non-dumpable process's /proc files are root's (a zygote's child is one): we could
+    # not write our own maps.
+    set_dumpable(True)
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
                        ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as handle:
             handle.write(text)
+    set_dumpable(False)
 
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -676,7 +681,7 @@ def _confine(spec: SandboxSpec, plan: list[Mount], *, root_built: bool,
             if why:
                 confinement.missing[name] = why
     for name, why in confinement.missing.items():
-        print(f"proctor sandbox: layer missing: {name}: {why}", file=sys.stderr, flush=True)
+        print(f"{MISSING_PREFIX}{name}: {why}", file=sys.stderr, flush=True)
     return confinement
 
 
