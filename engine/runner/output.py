@@ -20,7 +20,8 @@ _BREAK = re.compile(rb"\r\n|\r|\n")
 
 class OutputSink:
     """Consumes a run's output chunks. Lines split on \\n, \\r\\n and \\r. With `append`,
-    the log continues an existing file (the cap counts this run's bytes)."""
+    the log continues an existing file (the cap counts this run's bytes). Lines that start with
+    `mark_prefix` are kept in `marked` (the first 20)."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class OutputSink:
         tail_lines: int = 200,
         max_pending_lines: int = 1000,
         append: bool = False,
+        mark_prefix: str | None = None,
     ) -> None:
         self.log_path = log_path
         self.log_cap_bytes = log_cap_bytes
@@ -40,6 +42,8 @@ class OutputSink:
         self.last_output_at = time.monotonic()
         self.log_truncated = False
         self.warnings: list[str] = []
+        self.mark_prefix = mark_prefix
+        self.marked: list[str] = []
         self._log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 (closed in finish)
         self._logged = 0
         self._dropped_bytes = 0
@@ -81,6 +85,8 @@ class OutputSink:
             line += f"…[{self._partial_len} bytes]"
         self._partial.clear()
         self._partial_len = 0
+        if self.mark_prefix and line.startswith(self.mark_prefix) and len(self.marked) < 20:
+            self.marked.append(line)
         self.tail.append(line)
         if len(self._pending) < self.max_pending_lines:
             self._pending.append(line)

@@ -154,7 +154,10 @@ class Runner(ABC):
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             sink = OutputSink(
-                log_path, log_cap_bytes=int(limits.log_mb * 2**20), append=request.append_log
+                log_path,
+                log_cap_bytes=int(limits.log_mb * 2**20),
+                append=request.append_log,
+                mark_prefix=sandbox.MISSING_PREFIX,
             )
             containment, containment_warning = make_containment(
                 self._containment_choice, limits.processes
@@ -257,6 +260,11 @@ class Runner(ABC):
 
         warnings.extend(sink.warnings)
         warnings.extend(result_warnings)
+        # The sandbox prints these before any run code; a run can add fakes, never hide one.
+        warnings.extend(
+            f"SANDBOX LAYER MISSING in this run: {line.removeprefix(sandbox.MISSING_PREFIX)}"
+            for line in sink.marked
+        )
         tail = traceback_tail(list(sink.tail))
         verdict = classify(request, ended, interruption, results, tail, limit_hit)
         ok = verdict.status is RunStatus.OK and results is not None
