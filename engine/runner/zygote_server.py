@@ -164,6 +164,7 @@ def _become_run(request: dict, fds: list[int]) -> None:
         isolation.set_dumpable(True)  # like a freshly exec'd process; the zygote stays closed
         os.environ.clear()
         os.environ.update(request["env"])
+        _forget_temp_dir()
         code = _run_harness(request["harness"], request["argv"], request["setup"]["workspace"])
     except BaseException:  # noqa: BLE001 (report anything, then leave without unwinding)
         traceback.print_exc()
@@ -211,6 +212,13 @@ def _exit_code(value: object) -> int:
 def _purge_models() -> None:
     for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
         del sys.modules[name]
+
+
+def _forget_temp_dir() -> None:
+    """tempfile caches the zygote's TMPDIR (invisible in the sandbox): the run's counts."""
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile.tempdir = None
 
 
 def _reseed() -> None:
