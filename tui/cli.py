@@ -87,6 +87,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "iteration; a stopped run when it is resumed.")
     revert.add_argument("run", help="run name (a folder of log/)")
     revert.add_argument("node", type=_positive_int, help="the node to revert")
+    commands.add_parser(
+        "doctor", help="check the sandbox that every run gets on this machine",
+        description="Run one real sandboxed child, as runs are made for this user, and print "
+        "each layer of the sandbox: active, or missing and why. Exit code 1 when a layer is "
+        "missing.")
     return parser
 
 
@@ -98,6 +103,28 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _doctor() -> int:
+    """Print the sandbox layers runs get here; 1 when any is missing."""
+    import os
+
+    from engine.runner import sandbox
+
+    uid = os.geteuid()
+    who = (f"root (untrusted runs become uid {sandbox.SANDBOX_UID})" if uid == 0
+           else f"uid {uid}, a normal user")
+    print(f"proctor doctor: the sandbox of every run, as proctor runs now: {who}")
+    layers = sandbox.probe()
+    for layer in layers:
+        print(f"  {'active ' if layer.active else 'MISSING'}  {layer.name:<18} {layer.detail}")
+    missing = [layer.name for layer in layers if not layer.active]
+    if missing:
+        print(f"{len(missing)} of {len(layers)} layers missing: runs here are less isolated "
+              f"({', '.join(missing)})")
+        return 1
+    print(f"all {len(layers)} layers active")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             from tui.commands import revert
 
             return revert(args.run, args.node)
+        if args.command == "doctor":
+            return _doctor()
         if args.command in ("approve", "reject", "stop"):
             from engine import events
             from tui.commands import post

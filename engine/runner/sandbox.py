@@ -766,7 +766,15 @@ def _probe_inside(question: dict) -> None:
         _check_uid(spec.run_as),
         _check_privileges(),
     ]
-    print(json.dumps([asdict(layer) for layer in layers]), flush=True)
+    explained = [_with_reason(layer, confinement.missing.get(layer.name)) for layer in layers]
+    print(json.dumps([asdict(layer) for layer in explained]), flush=True)
+
+
+def _with_reason(layer: Layer, why: str | None) -> Layer:
+    """A missing layer's detail with the reason the sandbox gave for it, when it gave one."""
+    if layer.active or not why or why in layer.detail:
+        return layer
+    return Layer(layer.name, False, f"{layer.detail}: {why}")
 
 
 def _check_pid_namespace(parent: int) -> Layer:
