@@ -42,6 +42,8 @@ SECRET_NAME = "PROCTOR_TEST_ANTHROPIC_API_KEY"
 TIMEOUTS = Timeouts(wall_s=60, no_output_s=60, kill_grace_s=1)
 WRITES = {"file next to the workspace", "git hook", "git config", "venv site-packages",
           "read-only data"}
+SECRET_READS = {"environ of the test", "environ of its parent", "key file in the home",
+                "key file hidden in read-only data"}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module", params=MODES)
@@ -96,7 +98,7 @@ class Scene:
             limits=Limits(memory_mb=None, processes=64),
         )
 
-    def write_case(self, targets: Targets) -> None:
+    def write_case(self, targets: Targets, daemon: bool = True) -> None:
         base = cgroup_base()[0]
         cgroup_procs = ["/sys/fs/cgroup/cgroup.procs", "/sys/fs/cgroup/unified/cgroup.procs",
                         "/sys/fs/cgroup/pids/cgroup.procs"]
@@ -109,7 +111,7 @@ class Scene:
             "unix_socket": str(targets.unix_path), "abstract_name": targets.abstract_name,
             "outside_file": str(self.root / "planted.txt"), "git_dir": str(self.git_dir),
             "planted_pth": str(self.planted_pth), "cgroup_procs": cgroup_procs,
-            "private_tmp_file": f"/tmp/proctor-private-{self.token}.txt",
+            "private_tmp_name": f"proctor-private-{self.token}.txt", "daemon": daemon,
         }
         (self.workspace / "case.json").write_text(json.dumps(case))
         os.chown(self.workspace / "case.json", self.run_uid, self.run_uid)
@@ -138,7 +140,8 @@ class Targets:
 
     def accepted(self) -> list[str]:
         reached = []
-        for name, server in (("tcp", self.tcp), ("unix", self.unix), ("abstract", self.abstract)):
+        for name, server in (("tcp to 127.0.0.1", self.tcp), ("unix socket path", self.unix),
+                             ("abstract unix socket", self.abstract)):
             server.setblocking(False)
             with contextlib.suppress(BlockingIOError):
                 connection, _ = server.accept()
@@ -198,14 +201,17 @@ def signals_to_us() -> Iterator[list[int]]:
         signal.signal(signal.SIGUSR1, previous)
 
 
-def check_nothing_got_out(scene: Scene, reach: Targets, result: RunResult) -> dict:
-    """Every attack denied and without effect outside; every positive check done."""
+def check_nothing_got_out(
+    scene: Scene, reach: Targets, result: RunResult, lost: frozenset[str] = frozenset()
+) -> dict:
+    """Every attack but the `lost` ones (known to get through where a layer is missing)
+    denied and without effect outside; every positive check done."""
     assert result.status is RunStatus.OK, result
     report = json.loads((scene.workspace / "report.json").read_text())
     # A write may "succeed" into the run's private /tmp (the scratch folder is under /tmp):
     # writes are judged by what reached the host, below.
     got = {name: outcome for name, outcome in report["attacks"].items()
-           if not outcome.startswith("denied") and name not in WRITES}
+           if not outcome.startswith("denied") and name not in WRITES | lost}
     assert got == {}, got
     failed = {name: outcome for name, outcome in report["positives"].items()
               if not outcome.startswith("GOT")}
@@ -218,16 +224,36 @@ def check_nothing_got_out(scene: Scene, reach: Targets, result: RunResult) -> di
     assert not (scene.data / "planted.txt").exists()
     assert not Path(f"/tmp/proctor-private-{scene.token}.txt").exists()
     assert (scene.workspace / "written.txt").exists()
-    assert reach.accepted() == []
+    assert set(reach.accepted()) <= lost
     assert reach.victim.poll() is None, "the run signalled a process outside it"
-    for text in (scene.log.read_text(), json.dumps(report), repr(result)):
-        assert scene.secret not in text
-    if not sandbox.missing_layers():  # then no run may lack one either
+    if not lost & SECRET_READS:
+        for text in (scene.log.read_text(), json.dumps(report), repr(result)):
+            assert scene.secret not in text
+    if not lost and not sandbox.missing_layers():  # then no run may lack one either
         assert not [w for w in result.warnings if "SANDBOX" in w], result.warnings
     noted = (scene.workspace / "pids.txt").read_text().splitlines()
-    assert len(noted) == 2, noted  # the harness and its double-forked, setsid() daemon
-    assert not running(*map(int, noted[1].split())), "the daemon outlived the run"
+    if json.loads((scene.workspace / "case.json").read_text())["daemon"]:
+        assert len(noted) == 2, noted  # the harness and its double-forked, setsid() daemon
+        assert not running(*map(int, noted[1].split())), "the daemon outlived the run"
     return report
+
+
+def run_in_driver(scene: Scene, mode: str, wrap: list[str]) -> RunResult:
+    """The scene's untrusted run in a fresh supervisor (tests/runner_scripts/run_one.py) that
+    runs as uid 65534 through `wrap`."""
+    request = scene.request(trusted=False)
+    fields = {"workspace": str(request.workspace), "argv": list(request.argv),
+              "log_path": str(request.log_path), "read_only": [str(scene.data)],
+              "hide": [str(scene.hidden_key)]}
+    env = {**os.environ, SECRET_NAME: scene.secret, "HOME": str(scene.home)}
+    env = unprivileged.environment_for_nobody(env, scene.root / "hold")
+    argv = [*wrap, sys.executable, str(SCRIPTS / "run_one.py"), mode, json.dumps(fields)]
+    if not wrap:
+        argv = unprivileged.argv_as_nobody(argv)
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return RunResult.from_dict(json.loads(done.stdout.splitlines()[-1]))
 
 
 @pytest.fixture(autouse=True)
@@ -264,20 +290,49 @@ async def test_hostile_code_gets_nowhere_as_an_unprivileged_user(mode, scratch) 
     scene = Scene(scratch, unprivileged.NOBODY if IS_ROOT else os.getuid())
     with targets(scene, as_nobody=True) as reach:
         scene.write_case(reach)
-        request = scene.request(trusted=False)
-        fields = {"workspace": str(request.workspace), "argv": list(request.argv),
-                  "log_path": str(request.log_path), "read_only": [str(scene.data)],
-                  "hide": [str(scene.hidden_key)]}
-        env = {**os.environ, SECRET_NAME: scene.secret, "HOME": str(scene.home)}
-        env = unprivileged.environment_for_nobody(env, scene.root / "hold")
-        argv = unprivileged.argv_as_nobody(
-            [sys.executable, str(SCRIPTS / "run_one.py"), mode, json.dumps(fields)])
-        done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=300, stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result = RunResult.from_dict(json.loads(done.stdout.splitlines()[-1]))
+        result = run_in_driver(scene, mode, wrap=[])
         report = check_nothing_got_out(scene, reach, result)
     assert report["uid"] == scene.run_uid
+
+
+# Where a user cannot make namespaces, only Landlock holds: these get through (a Unix socket
+# path, a hidden file inside an exposed folder), and the runs say so.
+FALLBACK_LOST = frozenset({"unix socket path", "key file hidden in read-only data"})
+NO_NAMESPACES = ["pid namespace", "proc", "network namespace", "filesystem view"]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to take user namespaces away from a user")
+@pytest.mark.parametrize("mode", MODES)
+async def test_without_user_namespaces_landlock_holds_and_runs_say_what_is_missing(
+    mode, scratch
+) -> None:
+    without = [sys.executable, str(SCRIPTS / "without_userns.py")]
+    scene = Scene(scratch, unprivileged.NOBODY)
+    with targets(scene, as_nobody=True) as reach:
+        scene.write_case(reach, daemon=False)  # no PID namespace: a daemon could escape
+        result = run_in_driver(scene, mode, wrap=without)
+        check_nothing_got_out(scene, reach, result, lost=FALLBACK_LOST)
+    for layer in NO_NAMESPACES:
+        assert any(w.startswith(f"SANDBOX LAYER MISSING: {layer}:") for w in result.warnings)
+        assert any(w.startswith(f"SANDBOX LAYER MISSING in this run: {layer}:")
+                   for w in result.warnings), result.warnings
+    doctor = subprocess.run([*without, sys.executable, "-m", "tui.cli", "doctor"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    for layer in NO_NAMESPACES:
+        assert f"MISSING  {layer}" in doctor.stdout
+    assert "active   landlock files" in doctor.stdout
+    assert "No space left on device" in doctor.stdout  # the reason: the namespace limit
+
+
+async def test_doctor_prints_every_layer() -> None:
+    argv = [sys.executable, "-m", "tui.cli", "doctor"]
+    doctor = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    missing = sandbox.missing_layers()
+    assert doctor.returncode == (1 if missing else 0), doctor.stdout + doctor.stderr
+    for layer in sandbox.probe():
+        state = "active " if layer.active else "MISSING"
+        assert f"{state}  {layer.name}" in doctor.stdout
 
 
 async def test_the_probe_names_every_layer_and_runs_warn_of_missing_ones(runner, scratch):

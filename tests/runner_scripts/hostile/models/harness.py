@@ -1,11 +1,13 @@
 """Hostile training code: tries every way out of its sandbox that the case lists, and notes in
 ./report.json what each attempt gave ("denied: ..." or "GOT: ..."), plus what it must still
-be able to do. It leaves a double-forked, setsid() daemon behind, noted in ./pids.txt."""
+be able to do. Unless the case says "daemon": false, it leaves a double-forked, setsid()
+daemon behind, noted in ./pids.txt."""
 
 import json
 import os
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,7 +81,7 @@ def positives(case: dict) -> dict:
 
     return {
         "write the workspace": write("written.txt"),
-        "write /tmp": write(case["private_tmp_file"]),
+        "write its tmp": write(os.path.join(tempfile.gettempdir(), case["private_tmp_name"])),
         "read the read-only data": read(os.path.join(case["data_dir"], "data.txt")),
         "import numpy and torch": imports,
     }
@@ -102,7 +104,8 @@ def leave_daemon() -> None:
 if __name__ == "__main__":
     case = fakekit.args()
     fakekit.note_pid()
-    leave_daemon()
+    if case.get("daemon", True):
+        leave_daemon()
     report = {
         "attacks": {name: attempt(action) for name, action in attacks(case).items()},
         "positives": {name: attempt(action) for name, action in positives(case).items()},
