@@ -272,6 +272,7 @@ def save_state(model: Any, path: Path) -> None:
     state = {name: tensor.detach().to("cpu").contiguous().clone()
              for name, tensor in model.state_dict().items()}
     save_file(state, str(path))
+    path.chmod(0o644)  # the scorer may run as another user than the sandboxed train step
 
 
 def predict_step(
@@ -292,6 +293,7 @@ def predict_step(
     _say(f"predicting {inputs.shape[0]} evaluation points")
     prediction = predict(model, inputs, channels_of(settings))
     np.save(args.out / PREDICTIONS_FILE, prediction, allow_pickle=False)
+    (args.out / PREDICTIONS_FILE).chmod(0o644)
     result.status = "ok"
 
 

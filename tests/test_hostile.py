@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,24 @@ def snapshot(project: Path) -> dict[str, str]:
     return digests
 
 
+# What the hostile code must never achieve. The rest is judged by its effects: reading its
+# own processes' environments is allowed, and a write to a path under /tmp (where the tests'
+# projects live) may land in the run's private /tmp.
+MUST_FAIL = ("journal", "cgroup", "key_file", "tcp", "unix_path", "unix_abstract",
+             "signal_victim", "signal_test", "git_hook", "git_config", "checkout", "venv",
+             "home", "atexit_fd3")
+
+
+def attack_outcomes(log: str) -> dict[str, str]:
+    """`[hostile] NAME: OUTCOME` lines of a training log, by name."""
+    found = {}
+    for line in log.splitlines():
+        if line.startswith("[hostile] "):
+            name, _, outcome = line.removeprefix("[hostile] ").partition(": ")
+            found[name] = outcome
+    return found
+
+
 def daemons(name: str) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -128,26 +147,36 @@ def site_packages() -> Path:
 USERS = ["caller", "unprivileged"]
 
 
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A folder every user can reach (pytest's own are private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="proctor-hostile-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("user", USERS)
 @pytest.mark.parametrize("mode", ["zygote", "subprocess"])
-def test_hostile_training_code_changes_nothing(mode, user, tmp_path):
+def test_hostile_training_code_changes_nothing(mode, user, workdir):
     if user == "unprivileged" and unprivileged.available() is not None:
         pytest.skip(f"cannot run as an unprivileged user here: {unprivileged.available()}")
-    project = make_project(tmp_path)
+    project = make_project(workdir)
     secret = "sk-ant-" + secrets.token_hex(16)
     key_file = project / "home" / "anthropic.key"
     key_file.write_text(secret + "\n")
     daemon_name = f"proctor-hostile-{secrets.token_hex(4)}"
-    hook_marker = tmp_path / "hook-ran"
+    hook_marker = workdir / "hook-ran"
     env = {**os.environ, SECRET_NAME: secret, "HOME": str(project / "home")}
     as_nobody = user == "unprivileged" and os.geteuid() == 0
-    with listeners(tmp_path / "sockets") as reach:
+    with listeners(workdir / "sockets") as reach:
         victim_argv = ["sleep", "300"]
         if as_nobody:
-            unprivileged.give_to_nobody(tmp_path)
-            tmp_path.chmod(0o755)
-            env = unprivileged.environment_for_nobody(env, tmp_path / "hold")
+            unprivileged.give_to_nobody(workdir)
+            env = unprivileged.environment_for_nobody(env, workdir / "hold")
             victim_argv = unprivileged.argv_as_nobody(victim_argv)
         key_file.chmod(0o600)
         victim = subprocess.Popen(victim_argv, env=env, start_new_session=True)
@@ -188,15 +217,17 @@ def test_hostile_training_code_changes_nothing(mode, user, tmp_path):
 
             # nothing outside the workspace changed; nothing planted runs
             assert snapshot(project) == before
-            git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+            git(project, "-c", "safe.directory=*", "-c", "user.name=t", "-c", "user.email=t@t",
+                "commit", "-q",
                 "--allow-empty", "-m", "after")
             assert not hook_marker.exists()
             assert not (site_packages() / "planted.pth").exists()
 
             # no secret seen, no connection, no signal outside, no survivor
             assert secret not in "".join(logs.values())
-            assert "FOUND" not in logs[1] and "DONE" not in logs[1].replace(
-                "[hostile] metric_code: DONE", "")
+            outcomes = attack_outcomes(logs[1])
+            assert not [line for line in outcomes if "FOUND" in line]
+            assert [name for name in MUST_FAIL if not outcomes[name].startswith("refused")] == []
             assert reach.poll() == []
             assert victim.poll() is None, "the hostile code killed an outside process"
             assert daemons(daemon_name) == [], "a process of the run outlived it"
