@@ -693,6 +693,9 @@ def _add_rules(ruleset: Ruleset, spec: SandboxSpec, plan: list[Mount], root_buil
             ruleset.allow(mount.target, rights[mount.kind])
     if root_built:
         ruleset.allow("/proc", READ)
+        # Its own entries (threads included) writable: CUDA fails (error 304) unless it can
+        # open them for writing with O_TRUNC (it names its threads there).
+        ruleset.allow(os.path.realpath("/proc/self"), READ | _FS_WRITE_FILE | _FS_TRUNCATE)
         ruleset.allow("/dev", _FS_READ_DIR)  # listing it (libraries look for GPU nodes)
         for private in ("/tmp", "/dev/shm"):
             ruleset.allow(private, ruleset.handled)
