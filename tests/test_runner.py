@@ -405,6 +405,18 @@ async def test_kill_orphan_never_signals_a_forged_or_recycled_identity(tmp_path)
         sleeper.wait()
 
 
+async def test_kill_orphan_kills_a_run_it_can_prove_is_one(runner, make_case) -> None:
+    """The other side of row 33: a live run's own identity passes every check and the whole
+    run goes (its leader's death ends the sandbox's PID namespace)."""
+    case = make_case("grandchild", hang=True)
+    task = asyncio.create_task(case.run(runner))
+    assert await _wait_async(lambda: len(case.noted_processes()) >= 3)
+    assert kill_orphan(case.identities[0]) is True
+    result = await task
+    assert result.signal == signal.SIGKILL, result
+    assert_nothing_survives(case, expected_at_least=3)
+
+
 _SUPERVISOR = textwrap.dedent(
     """
     import asyncio, json, sys
