@@ -225,7 +225,6 @@ class Ruleset:
     abi: int
     fd: int
     handled: int
-    skipped: list[str] = field(default_factory=list)
 
     @classmethod
     def create(cls) -> Ruleset:
@@ -248,9 +247,8 @@ class Ruleset:
         """Allow `rights` beneath `path` (file rights only, when it is not a directory)."""
         try:
             path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except OSError as exc:
-            self.skipped.append(f"{path}: {exc.strerror}")
-            return
+        except OSError:
+            return  # not there: nothing to grant (a missing rule only ever denies more)
         try:
             if not stat.S_ISDIR(os.fstat(path_fd).st_mode):
                 rights &= _FS_FILE_RIGHTS
