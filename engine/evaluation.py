@@ -9,21 +9,26 @@ Each step is a fresh sandboxed process that sees only its own folders (see the r
 | predict | the node's model file   | split/eval, train_out          | predict_out   | exit code|
 | score   | trusted harness         | split/score, both outputs      | nothing       | channel  |
 
-train and predict each get a workspace rebuilt from the node's code, so nothing one of them
-writes reaches the next; prepare and score share a pristine one that no editable code has
-touched, and only they hold the results channel. The metrics of the node are the score
-step's, nothing else's.
+train and predict each get a fresh copy of the node's code, so nothing one of them writes
+reaches the next; prepare and score share a pristine one that no editable code has touched,
+and only they hold the results channel. The metrics of the node are the score step's, nothing
+else's. The split is kept from node to node while the config sections it was prepared from
+(named in its `prepared.json`, which the trusted prepare step writes last) stay the same:
+then a node is three steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import yaml
 
 from engine.config import Limits, Timeouts
 from engine.runner import (
@@ -35,6 +40,8 @@ from engine.runner import (
     StartedCallback,
 )
 
+# Written last by the prepare step into the split: the config sections it was made from.
+PREPARED_RECORD = "prepared.json"
 Populate = Callable[[Path], None]  # writes the node's experiment package into a folder
 
 
@@ -51,7 +58,7 @@ class EvaluationPlan:
 
 
 class _Evaluation:
-    """The four steps of one node in `area` (its folders are emptied first)."""
+    """The steps of one node in `area` (emptied first, but for a split still current)."""
 
     def __init__(self, runner: Runner, plan: EvaluationPlan, area: Path, populate: Populate,
                  log_path: Path, on_output: OutputCallback | None,
@@ -61,6 +68,7 @@ class _Evaluation:
         self.results: list[RunResult] = []
         self.step = ""
         self.refused: str | None = None  # why an ok step's output may not be used
+        self.train_result: RunResult | None = None
         self.config = area / "config" / "config.yaml"
         self.split = area / "split"
         self.trusted_workspace = area / "trusted"  # prepare and score: no editable code runs
@@ -68,16 +76,33 @@ class _Evaluation:
         self.predict_workspace, self.predict_out = area / "predict", area / "predict_out"
         self.device = ("--device", plan.device) if plan.device else ()
 
-    def reset(self, config_text: str) -> None:
-        if self.area.exists():
-            remove_tree(self.area)
+    def reset(self, config_text: str, seed: int) -> bool:
+        """Empty the area for this node; keep the split when it was prepared from the same
+        config sections and seed (True then: no prepare step needed)."""
+        keep = self.split_is_current(config_text, seed)
+        for folder in ([] if not self.area.exists() else sorted(self.area.iterdir())):
+            if folder != self.split or not keep:
+                remove_tree(folder)
         for folder in (self.config.parent, self.split, self.trusted_workspace,
                        self.train_workspace, self.train_out, self.predict_workspace,
                        self.predict_out):
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
         self.config.write_text(config_text, encoding="utf-8")
         self.plan.data_cache.mkdir(parents=True, exist_ok=True)
         self.populate(self.trusted_workspace)
+        return keep
+
+    def split_is_current(self, config_text: str, seed: int) -> bool:
+        """Whether the split was prepared (completely: the record is written last) from the
+        same seed and the same values of the config sections its record names."""
+        try:
+            record = json.loads((self.split / PREPARED_RECORD).read_text(encoding="utf-8"))
+            config = yaml.safe_load(config_text)
+            sections = record["config"]
+            return record["seed"] == seed and all(
+                config.get(name) == value for name, value in sections.items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+            return False
 
     async def run_step(self, step: str, workspace: Path, argv: Sequence[str], *,
                        read_only: Sequence[Path] = (), read_write: Sequence[Path] = (),
@@ -114,11 +139,13 @@ class _Evaluation:
 
     async def train(self) -> bool:
         _copy_tree(self.trusted_workspace, self.train_workspace)
-        return await self.run_step(
+        done = await self.run_step(
             "train", self.train_workspace,
             ("--data", str(self.split / "train"), "--out", str(self.train_out), *self.device),
             read_only=(self.split / "train",), read_write=(self.train_out,),
             output=self.train_out)
+        self.train_result = self.results[-1]
+        return done
 
     async def predict(self) -> bool:
         _copy_tree(self.trusted_workspace, self.predict_workspace)
@@ -130,7 +157,8 @@ class _Evaluation:
             output=self.predict_out)
 
     async def score(self) -> bool:
-        train_seconds = self.results[1].wall_s  # as we measured it, not as the run said
+        assert self.train_result is not None
+        train_seconds = self.train_result.wall_s  # as we measured it, not as the run said
         return await self.run_step(
             "score", self.trusted_workspace,
             ("--data", str(self.split / "score"), "--state", str(self.train_out),
@@ -153,8 +181,10 @@ async def evaluate(
     """Run the four steps of one node in `area`; the result carries the score step's metrics,
     or the first failing step's status and error."""
     run = _Evaluation(runner, plan, area, populate, log_path, on_output, on_started)
-    run.reset(config_text)
-    for step in (lambda: run.prepare(seed), run.train, run.predict, run.score):
+    prepared = run.reset(config_text, seed)
+    steps = (run.train, run.predict, run.score) if prepared else \
+        (lambda: run.prepare(seed), run.train, run.predict, run.score)
+    for step in steps:
         if not await step():
             break
     return _combined(run.results, run.step, run.refused)

@@ -1139,7 +1139,7 @@ class Engine:
                 self.runner, self._evaluation_plan(), self.run_dir / "sandbox",
                 lambda folder: self.code.materialise(commit, folder),
                 config_path.read_text(encoding="utf-8"), node_dir / "training.log",
-                seed=iteration, on_output=output, on_started=started)
+                seed=self.exploration.seed, on_output=output, on_started=started)
         finally:
             watcher.cancel()
         self.journal.set_state("active_run", None)

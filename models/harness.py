@@ -210,17 +210,26 @@ def channels_of(settings: ExperimentSettings) -> int:
 # ---------------------------------------------------------------------------- steps
 
 STATE_FILE = "state.safetensors"
+PREPARED_RECORD = "prepared.json"  # proctor keeps the split while these sections stay the same
+SPLIT_SECTIONS = ("dataset", "simulation")
 PREDICTIONS_FILE = "predictions.npy"
 
 
 def prepare(settings: ExperimentSettings, args: argparse.Namespace, result: StepResult) -> None:
     """Load (or simulate and cache) the frames and write the evaluation split."""
+    import yaml
+
+    from models.atomic import write_atomic
     from models.data import DEFAULT_CACHE_DIR, load_frames
     from models.split import make_split
 
     frames = load_frames(settings.simulation, args.data_cache or DEFAULT_CACHE_DIR, log=_say)
     split = make_split(frames, settings.dataset.field, settings.dataset.n_frames, args.seed)
     split.write(args.split)
+    # Last, so that proctor reuses only a complete split, and only while these stay the same.
+    config = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    record = {"config": {name: config.get(name) for name in SPLIT_SECTIONS}, "seed": args.seed}
+    write_atomic(args.split / PREPARED_RECORD, json.dumps(record).encode())
     count, particles, channels = split.train_targets.shape
     _say(
         f"dataset ready: field {settings.dataset.field}, {count} training frames x {particles} "

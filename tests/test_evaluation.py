@@ -24,7 +24,8 @@ async def runner(request):
     await instance.aclose()
 
 
-async def run(runner, tmp_path: Path, **behaviour) -> tuple:
+async def run(runner, tmp_path: Path, data: object = None, seed: int = 0,
+              **behaviour) -> tuple:
     plan = EvaluationPlan(harness="models.harness", data_cache=tmp_path / "cache",
                           timeouts=Timeouts(wall_s=60, no_output_s=60, kill_grace_s=1),
                           limits=PLAN_LIMITS)
@@ -34,7 +35,8 @@ async def run(runner, tmp_path: Path, **behaviour) -> tuple:
 
     log = tmp_path / "training.log"
     result = await evaluate(runner, plan, tmp_path / "area", populate,
-                            yaml.safe_dump({"behaviour": behaviour}), log)
+                            yaml.safe_dump({"behaviour": behaviour, "data": data}), log,
+                            seed=seed)
     return result, log.read_text()
 
 
@@ -70,3 +72,23 @@ async def test_a_link_left_by_the_train_step_never_reaches_a_trusted_reader(runn
     assert result.status is RunStatus.FAILED
     assert result.error == "the train step left link, which is not a plain file or folder"
     assert "predict: fd 3" not in log
+
+
+async def test_the_split_is_prepared_again_only_when_its_sections_or_seed_change(
+    runner, tmp_path
+):
+    prepared = []
+    for data, seed, behaviour in ((1, 0, {}), (1, 0, {"train": {"value": 0.75}}), (2, 0, {}),
+                                  (2, 0, {}), (2, 1, {})):
+        result, log = await run(runner, tmp_path, data=data, seed=seed, **behaviour)
+        assert result.status is RunStatus.OK, result.error
+        prepared.append("prepare: fd 3" in log)
+    assert prepared == [True, False, True, False, True]
+    assert result.metrics["final_r2"] == 0.5
+
+
+async def test_an_unfinished_prepare_is_never_reused(runner, tmp_path):
+    await run(runner, tmp_path, data=1)
+    (tmp_path / "area" / "split" / "prepared.json").unlink()  # as if killed before the end
+    _, log = await run(runner, tmp_path, data=1)
+    assert "prepare: fd 3" in log

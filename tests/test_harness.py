@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from models.data import load_frames, training_frame_indices
 from models.harness import METRIC_KEYS, STATE_FILE
@@ -48,6 +49,10 @@ def test_four_steps_end_to_end_on_the_tiny_config(harness_steps):
     prepared = harness_steps.prepare()
     assert prepared.returncode == 0, prepared.stderr
     assert harness_steps.results("prepare")["status"] == "ok"
+    record = json.loads((harness_steps.folder("split") / "prepared.json").read_text())
+    config = yaml.safe_load(harness_steps.config.read_text())
+    assert record == {"config": {"dataset": config["dataset"],
+                                 "simulation": config["simulation"]}, "seed": 0}
     trained = harness_steps.train()
     assert trained.returncode == 0, trained.stderr
     assert "step 40/40 loss " in trained.stdout and "[harness] training on cpu" in trained.stdout

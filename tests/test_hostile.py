@@ -209,8 +209,11 @@ def test_hostile_training_code_changes_nothing(mode, user, workdir):
             # the score: the hostile run trained honestly, so it scores exactly as the honest one
             assert honest_result["status"] == "ok", honest_result
             assert hostile_result["status"] == "ok", (hostile_result, logs[1][-3000:])
-            for key in ("final_r2", "heldout_r2", "pearson_r2", "slope", "total_params"):
-                assert hostile_result["metrics"][key] == honest_result["metrics"][key], key
+            assert hostile_result["metrics"]["total_params"] == \
+                honest_result["metrics"]["total_params"]
+            for key in ("final_r2", "heldout_r2", "pearson_r2", "slope"):  # threads reorder sums
+                assert hostile_result["metrics"][key] == pytest.approx(
+                    honest_result["metrics"][key], rel=1e-4), key
             assert "[hostile] metric_code: DONE" in logs[1]  # it did patch its own copy
             # replaying the targets after zero steps earns nothing
             assert replay_result["status"] != "ok" or replay_result["metrics"]["final_r2"] < 0.9
