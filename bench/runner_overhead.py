@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import Limits, Timeouts  # noqa: E402
+from engine.evaluation import EvaluationPlan, evaluate  # noqa: E402
 from engine.runner import Runner, RunRequest, RunStatus, SubprocessRunner, ZygoteRunner  # noqa: E402
 from engine.runner.sandbox import probe  # noqa: E402
 
@@ -116,9 +117,55 @@ def _report(runs: int, steps: int, overheads: dict[str, list[float]],
     print(f"  target met: {'yes' if verdict else 'no'} (zygote <= {TARGET_ZYGOTE_MS:.0f} ms)")
 
 
+async def _node(runner: Runner, area: Path, log: Path) -> float:
+    """Wall seconds of one node's steps (train, predict and score once the split exists)."""
+    plan = EvaluationPlan(harness="models.harness", data_cache=area.parent / "cache",
+                          timeouts=Timeouts(wall_s=120, no_output_s=120),
+                          limits=Limits(memory_mb=None))
+
+    def populate(folder: Path) -> None:
+        shutil.copytree(SCRIPTS / "bench_steps" / "models", folder / "models")
+
+    started = time.perf_counter()
+    result = await evaluate(runner, plan, area, populate, "{}\n", log)
+    if result.status is not RunStatus.OK:
+        raise SystemExit(f"a node failed: {result.error}\n{result.traceback_tail}")
+    return time.perf_counter() - started
+
+
+async def nodes(runs: int) -> None:
+    """Whole nodes side by side: the overhead a node pays for its sandboxed steps."""
+    with tempfile.TemporaryDirectory(prefix="proctor-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        scratch.chmod(0o755)  # the sandboxed steps (uid 65534 when root) reach their folders
+        runners = {name: factory() for name, factory in RUNNERS.items()}
+        first: dict[str, float] = {}
+        walls: dict[str, list[float]] = {name: [] for name in runners}
+        try:
+            for name, runner in runners.items():  # the four steps, the zygote's start too
+                first[name] = await _node(runner, scratch / name / "area", scratch / "log")
+            for _ in range(runs):
+                for name, runner in runners.items():
+                    walls[name].append(await _node(runner, scratch / name / "area",
+                                                   scratch / "log"))
+        finally:
+            for runner in runners.values():
+                await runner.aclose()
+    medians = {name: statistics.median(values) * 1000 for name, values in walls.items()}
+    print(f"\none node (train, predict, score; the split prepared once), {runs} per runner:")
+    for name in runners:
+        print(f"  {name:<23} median {medians[name]:8.1f} ms  (min {min(walls[name]) * 1000:.1f},"
+              f" max {max(walls[name]) * 1000:.1f}); first node with prepare "
+              f"{first[name] * 1000:.0f} ms")
+    ratio = medians["zygote"] / medians["subprocess"]
+    print(f"  ratio zygote/subprocess (sandboxed): {ratio:.3f}; sandbox cost per node: zygote "
+          f"{medians['zygote'] - medians['zygote, no sandbox']:+.1f} ms")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     asyncio.run(main(args.runs, args.steps))
+    asyncio.run(nodes(args.runs))
