@@ -140,7 +140,12 @@ def load_frames(
                 log(f"removing bad cache file {path} ({exc}); rebuilding")
                 path.unlink(missing_ok=True)
         log(f"simulating {sim.n_frames} frames of {len(sim.materials)} discs -> {path}")
-        frames = simulate(scene(sim))
+
+        def progress(frame: int, total: int) -> None:  # also keeps a no-output watchdog quiet
+            if frame % 8 == 0 or frame == total:
+                log(f"simulated frame {frame}/{total}")
+
+        frames = simulate(scene(sim), progress=progress)
         _write_cache(path, frames)
         return frames
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -290,8 +291,13 @@ def substep(state: State, params: MPMParams, mu0: float, la0: float) -> None:
     grid_to_particle(state, grid_velocity, params, near)
 
 
-def simulate(params: MPMParams, device: str | torch.device = "cpu") -> Frames:
-    """Run the simulation and return params.n_frames stored frames (frame 0 = initial state)."""
+def simulate(
+    params: MPMParams,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Frames:
+    """Run the simulation and return params.n_frames stored frames (frame 0 = initial state);
+    `progress(frame, n_frames)` after each stored frame."""
     mu0, la0 = lame_parameters(params.youngs_modulus, params.poisson_ratio)
     state = initial_state(params, device)
     records: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "v", "C", "F", "Jp", "S")}
@@ -310,10 +316,12 @@ def simulate(params: MPMParams, device: str | torch.device = "cpu") -> Frames:
 
     with torch.no_grad():
         record()
-        for _ in range(params.n_frames - 1):
+        for frame in range(1, params.n_frames):
             for _ in range(params.substeps_per_frame):
                 substep(state, params, mu0, la0)
             record()
+            if progress is not None:
+                progress(frame + 1, params.n_frames)
     return Frames(
         position=np.stack(records["x"]),
         velocity=np.stack(records["v"]),

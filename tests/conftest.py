@@ -7,13 +7,26 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def reachable_tmp() -> Iterator[Path]:
+    """A temporary folder every user can reach: pytest's own sit under a 0700 folder of
+    root's, which a run dropped to uid 65534 could not enter."""
+    folder = Path(tempfile.mkdtemp(prefix="proctor-test-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 # ---- the embedded experiment (models/) ---------------------------------------------------
 

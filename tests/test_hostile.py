@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,21 +146,12 @@ def site_packages() -> Path:
 USERS = ["caller", "unprivileged"]
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A folder every user can reach (pytest's own are private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="proctor-hostile-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("user", USERS)
 @pytest.mark.parametrize("mode", ["zygote", "subprocess"])
-def test_hostile_training_code_changes_nothing(mode, user, workdir):
+def test_hostile_training_code_changes_nothing(mode, user, reachable_tmp):
+    workdir = reachable_tmp
     if user == "unprivileged" and unprivileged.available() is not None:
         pytest.skip(f"cannot run as an unprivileged user here: {unprivileged.available()}")
     project = make_project(workdir)

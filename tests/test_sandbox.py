@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +179,8 @@ def targets(scene: Scene, as_nobody: bool) -> Iterator[Targets]:
 
 
 @pytest.fixture
-def scratch() -> Iterator[Path]:
-    """A folder uid 65534 can reach (pytest's own tmp is 0700 under root)."""
-    folder = Path(tempfile.mkdtemp(prefix="proctor-sandbox-test-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def scratch(reachable_tmp: Path) -> Path:
+    return reachable_tmp
 
 
 @pytest.fixture
