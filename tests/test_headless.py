@@ -39,3 +39,16 @@ def test_human_facing_events_are_printed():
     assert "paused: spend limit reached" in text
     assert "node 5: failed, exit code 1: boom; best R2 so far 0.8000" in text
     assert "agent cost $0.0123 (run total $1.50)" in text
+
+
+def test_missing_sandbox_layers_are_named_in_the_run_header_and_the_apps_state():
+    from tui.state import RunState
+
+    missing = ("pid namespace: no namespaces (Operation not permitted); Landlock alone",)
+    text = printed(ev.RunOpened("r7", "/tmp/r7", 10, sandbox_missing=missing))
+    assert text.splitlines()[1] == f"  WARNING: sandbox layer missing: {missing[0]}"
+    assert "WARNING" not in printed(ev.RunOpened("r7", "/tmp/r7", 10))
+    state = RunState()
+    notices = state.apply(ev.RunOpened("r7", "/tmp/r7", 10, sandbox_missing=missing))
+    assert state.sandbox_missing == missing
+    assert [n.severity for n in notices] == ["warning"] and missing[0] in notices[0].message
