@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import Limits, Timeouts
+from engine.logs import strip_control
 from engine.runner import (
     OutputCallback,
     Runner,
@@ -210,7 +211,7 @@ def _combined(results: list[RunResult], last_step: str, refused: str | None = No
     last = results[-1]
     if refused is not None:
         last = replace(last, status=RunStatus.FAILED, error=refused)
-    error = last.error
+    error = strip_control(last.error) if last.error else None  # it may quote run output
     if error and last_step != "train" and last.status is not RunStatus.STOPPED:
         error = f"{last_step} step: {error}"
     peaks = [r.peak_rss_mb for r in results if r.peak_rss_mb is not None]
@@ -220,6 +221,7 @@ def _combined(results: list[RunResult], last_step: str, refused: str | None = No
         hyperparameters=next((r.hyperparameters for r in reversed(results)
                               if r.hyperparameters), {}),
         error=error,
+        traceback_tail=strip_control(last.traceback_tail),
         wall_s=sum(r.wall_s for r in results),
         peak_rss_mb=max(peaks) if peaks else None,
         log_truncated=any(r.log_truncated for r in results),

@@ -9,6 +9,7 @@ import time
 from typing import TextIO
 
 from engine import events as ev
+from engine.logs import strip_control
 
 
 def _r2(value: float | None) -> str:
@@ -35,7 +36,7 @@ class HeadlessPrinter:
     def __call__(self, event: ev.Event) -> None:
         text = self._describe(event)
         if text is not None:
-            self._line(text)
+            self._line(strip_control(text))  # runs, agents and humans wrote parts of it
         if self.live and isinstance(event, ev.TrainingProgress | ev.IterationStarted
                                     | ev.NodeFinished | ev.LogLines):
             self._status()

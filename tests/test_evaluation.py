@@ -92,3 +92,10 @@ async def test_an_unfinished_prepare_is_never_reused(runner, tmp_path):
     (tmp_path / "area" / "split" / "prepared.json").unlink()  # as if killed before the end
     _, log = await run(runner, tmp_path, data=1)
     assert "prepare: fd 3" in log
+
+
+async def test_terminal_codes_in_a_failing_steps_output_never_reach_its_error(runner, tmp_path):
+    codes = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\x1b[8m"
+    result, _ = await run(runner, tmp_path, train={"fail": True, "say": codes})
+    assert "failing on purpose" in result.error
+    assert "\x1b" not in result.error + result.traceback_tail

@@ -52,3 +52,12 @@ def test_missing_sandbox_layers_are_named_in_the_run_header_and_the_apps_state()
     notices = state.apply(ev.RunOpened("r7", "/tmp/r7", 10, sandbox_missing=missing))
     assert state.sandbox_missing == missing
     assert [n.severity for n in notices] == ["warning"] and missing[0] in notices[0].message
+
+
+def test_terminal_codes_from_a_run_are_printed_as_plain_text():
+    stream = io.StringIO()
+    printer = HeadlessPrinter(stream, live=False, echo_log=True)
+    printer(ev.LogLines(1, ("\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2Jfinal_r2 0.99\x1b[8m",)))
+    printer(ev.NodeFinished(1, 1, "failed", {}, "exit code 1: \x1b[2Jboom", None))
+    assert "\x1b" not in stream.getvalue() and "\x07" not in stream.getvalue()
+    assert "final_r2 0.99" in stream.getvalue() and "boom" in stream.getvalue()

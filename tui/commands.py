@@ -49,6 +49,7 @@ def _format_metric(name: str, value: object) -> str:
 def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) -> int:
     """Run the config once through the four sandboxed steps and print the scorer's metrics."""
     from engine.evaluation import EvaluationPlan, evaluate
+    from engine.logs import strip_control
     from engine.runner import RunStatus, make_runner
 
     config, root = _load(config_path)
@@ -74,7 +75,7 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
     def echo(lines: list[str]) -> None:
         if not quiet:
             for line in lines:
-                print(line)
+                print(strip_control(line))  # the run's output is data, never terminal codes
             sys.stdout.flush()
 
     async def go():
@@ -89,13 +90,13 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
     result = asyncio.run(go())
     print(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {log_path})")
     if result.error:
-        print(f"error: {result.error}")
+        print(f"error: {strip_control(result.error)}")
     for name in METRIC_ORDER:
         if name in result.metrics:
             print(f"  {name:<16} {_format_metric(name, result.metrics[name])}")
     if result.warnings:
         for warning in result.warnings:
-            print(f"warning: {warning}")
+            print(f"warning: {strip_control(warning)}")
     return 0 if result.status is RunStatus.OK else 1
 
 

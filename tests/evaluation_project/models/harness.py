@@ -26,7 +26,7 @@ def main() -> int:
     behaviour = yaml.safe_load(Path(args.config).read_text())["behaviour"].get(args.step, {})
     print(f"{args.step}: fd 3 is {'open' if _open(3) else 'closed'}", flush=True)
     if behaviour.get("fail"):
-        print(f"{args.step} failing on purpose", file=sys.stderr)
+        print(f"{args.step} failing on purpose{behaviour.get('say', '')}", file=sys.stderr)
         return 1
     if args.step == "prepare":
         for part in ("train", "eval", "score"):
