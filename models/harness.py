@@ -93,6 +93,17 @@ class DivergenceWatchdog:
             raise Diverged(self.reason)
 
 
+def only_file(folder: Path, name: str, step: str) -> None:
+    """Refuse anything beside the one output a step may leave (a side file would carry data
+    past the parameter count)."""
+    from models.state import StateError
+
+    others = sorted(p.name for p in folder.iterdir() if p.name != name)
+    if others:
+        raise StateError(f"the {step} step left {', '.join(others[:5])} beside {name}; "
+                         "only that file may pass on")
+
+
 class StepFailed(Exception):
     """A step cannot go on; the message says why."""
 
@@ -315,6 +326,8 @@ def score(settings: ExperimentSettings, args: argparse.Namespace, result: StepRe
 
     truth = load_score(args.data)
     try:
+        only_file(args.state, STATE_FILE, "train")
+        only_file(args.predictions, PREDICTIONS_FILE, "predict")
         result.metrics["total_params"] = count_elements(args.state / STATE_FILE)
         prediction = load_predictions(args.predictions / PREDICTIONS_FILE, truth.truth.shape)
     except StateError as exc:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 16 * 2**20
+# Tensor names can carry data past the count: they must look like state-dict keys, and the
+# characters of a name beyond the first FREE_NAME_CHARS count, four to a parameter.
+TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
+FREE_NAME_CHARS = 32
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
@@ -43,8 +48,10 @@ def count_elements(path: Path) -> int:
         raise StateError(f"{path.name} has no tensor table")
     total, covered = 0, 0
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
+        if name == "__metadata__":  # free text: our train step never writes any
+            raise StateError(f"{path.name} carries metadata")
+        if not TENSOR_NAME.match(name):
+            raise StateError(f"{path.name}: {name[:40]!r} is not a tensor name")
         try:
             shape, (begin, end) = entry["shape"], entry["data_offsets"]
             count = math.prod(int(size) for size in shape)
@@ -53,7 +60,9 @@ def count_elements(path: Path) -> int:
             raise StateError(f"{path.name}: tensor {name!r} is malformed ({exc!r})") from None
         if end - begin != count * width or begin < 0 or end > data_bytes:
             raise StateError(f"{path.name}: tensor {name!r} does not match its bytes")
-        total += count
+        if count == 0:
+            raise StateError(f"{path.name}: tensor {name!r} is empty")
+        total += count + max(0, math.ceil((len(name) - FREE_NAME_CHARS) / 4))
         covered += end - begin
     if covered != data_bytes:
         raise StateError(f"{path.name}: {data_bytes - covered} bytes belong to no tensor")

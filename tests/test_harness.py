@@ -266,6 +266,18 @@ def test_malformed_state_and_predictions_are_refused_by_the_scorer(tmp_path):
         count_elements(tmp_path / "short")
     with pytest.raises(StateError, match="saved no model state"):
         count_elements(tmp_path / "missing")
+    named = tmp_path / "named.safetensors"
+    save_file({"w": np.zeros(3, np.float32), "x" * 40: np.zeros(1, np.float32)}, str(named))
+    assert count_elements(named) == 3 + 1 + 2  # the 8 characters past 32 count as 2
+    for bad, why in (({"w": np.zeros(0, np.float32)}, "empty"),
+                     ({"w/../x": np.zeros(1, np.float32)}, "not a tensor name")):
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(StateError, match=why):
+            count_elements(tmp_path / "bad.safetensors")
+    save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "meta.safetensors"),
+              metadata={"table": "data hidden here"})
+    with pytest.raises(StateError, match="carries metadata"):
+        count_elements(tmp_path / "meta.safetensors")
     objects = tmp_path / "objects.npy"
     np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(StateError, match="unreadable"):
@@ -328,3 +340,12 @@ def test_check_does_not_import_torch(tiny_config):
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_side_file_left_by_the_train_step_fails_the_score(harness_steps):
+    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
+        assert step().returncode == 0
+    (harness_steps.folder("train_out") / "table.npz").write_bytes(b"the training data")
+    assert harness_steps.score().returncode == 1
+    body = harness_steps.results("score")
+    assert body["status"] == "failed" and "left table.npz beside state.safetensors" in body["error"]
