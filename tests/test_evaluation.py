@@ -3,7 +3,10 @@ harness whose steps do what each test's config says."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from engine.evaluation import EvaluationPlan, evaluate
 from engine.runner import RunStatus, make_runner
 
 PROJECT = Path(__file__).resolve().parent / "evaluation_project"
+REPO = PROJECT.parents[1]
 PLAN_LIMITS = Limits(memory_mb=None, processes=64)
 
 
@@ -25,10 +29,10 @@ async def runner(request):
 
 
 async def run(runner, tmp_path: Path, data: object = None, seed: int = 0,
-              **behaviour) -> tuple:
+              limits: Limits = PLAN_LIMITS, **behaviour) -> tuple:
     plan = EvaluationPlan(harness="models.harness", data_cache=tmp_path / "cache",
                           timeouts=Timeouts(wall_s=60, no_output_s=60, kill_grace_s=1),
-                          limits=PLAN_LIMITS)
+                          limits=limits)
 
     def populate(folder: Path) -> None:
         shutil.copytree(PROJECT / "models", folder / "models")
@@ -99,3 +103,24 @@ async def test_terminal_codes_in_a_failing_steps_output_never_reach_its_error(ru
     result, _ = await run(runner, tmp_path, train={"fail": True, "say": codes})
     assert "failing on purpose" in result.error
     assert "\x1b" not in result.error + result.traceback_tail
+
+
+async def test_the_private_tmp_holds_no_more_than_the_memory_limit(tmp_path):
+    runner = make_runner("subprocess")  # a fresh interpreter fits in a small address space
+    try:
+        result, log = await run(runner, tmp_path, limits=Limits(memory_mb=256),
+                                train={"fill_tmp_mb": 400})
+    finally:
+        await runner.aclose()
+    assert result.status is RunStatus.FAILED
+    assert "train: /tmp full after 25" in log and "No space left on device" in log
+
+
+def test_the_sandbox_shows_the_python_installation_not_the_working_folder(tmp_path):
+    script = "from engine.runner.sandbox import python_paths; print(*python_paths(), sep='\\n')"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"},
+                          timeout=60, check=True)
+    paths = done.stdout.split()
+    assert sys.base_prefix in paths or os.path.realpath(sys.base_prefix) in paths
+    assert not [p for p in paths if Path(p) in (tmp_path, REPO) or tmp_path in Path(p).parents]

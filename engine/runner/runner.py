@@ -310,6 +310,7 @@ class Runner(ABC):
             python_paths=sandbox.python_paths(),
             run_as=run_as,
             scratch=str(home),
+            tmp_mb=request.limits.memory_mb or SandboxSpec.tmp_mb,
         )
 
     def _home_and_tmp(self, home: Path) -> tuple[str, str]:

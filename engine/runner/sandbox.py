@@ -38,6 +38,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -291,6 +292,7 @@ class SandboxSpec:
     python_paths: tuple[str, ...] = ()  # the interpreter's directories: read-only
     run_as: int | None = None  # uid and gid the harness becomes (only when started as root)
     scratch: str | None = None  # a writable HOME for when no new root can be built
+    tmp_mb: int = 4096  # each private tmpfs (/tmp, /dev/shm): memory the run could pin
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,13 +305,6 @@ class SandboxSpec:
         return cls(**values)
 
 
-def project_checkout() -> str | None:
-    """The source checkout this package runs from, if it does (never visible to a run)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-    markers = (".git", "pyproject.toml")
-    return root if any(os.path.exists(os.path.join(root, m)) for m in markers) else None
-
-
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -317,21 +312,14 @@ def _inside(path: str, folder: str) -> bool:
 @functools.cache
 def python_paths() -> tuple[str, ...]:
     """The directories of this Python installation a run needs: the prefixes, the real
-    directory of the interpreter and every sys.path directory, but nothing of the checkout
-    outside them."""
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    prefixes.add(os.path.dirname(os.path.realpath(sys.executable)))
-    checkout = project_checkout()
-    found = set(prefixes)
-    for entry in sys.path:
-        real = os.path.realpath(entry) if entry else ""
-        if not entry or not os.path.isdir(real):
-            continue
-        in_prefix = any(_inside(real, prefix) for prefix in prefixes)
-        if checkout is not None and _inside(real, checkout) and not in_prefix:
-            continue
-        found.add(real)
-    return tuple(sorted(found))
+    directory of the interpreter and the installation's library folders. Never sys.path as
+    such: it holds the working folder proctor was started from (a project, its .git)."""
+    found = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                           sys.base_exec_prefix)}
+    found.add(os.path.dirname(os.path.realpath(sys.executable)))
+    for name in ("stdlib", "platstdlib", "purelib", "platlib"):
+        found.add(os.path.realpath(sysconfig.get_path(name)))
+    return tuple(sorted(path for path in found if os.path.isdir(path)))
 
 
 # ---------------------------------------------------------------------------- the new root
@@ -375,8 +363,8 @@ def plan_root(spec: SandboxSpec) -> list[Mount]:
             real = os.path.realpath(path)
             if os.path.exists(real) and not any(_inside(real, h) for h in hidden):
                 wanted[real] = Mount(real, kind)
-    for path in ("/tmp", "/dev", "/dev/shm"):
-        wanted[path] = Mount(path, "tmpfs")
+    for path, size_mb in (("/tmp", spec.tmp_mb), ("/dev", 1), ("/dev/shm", spec.tmp_mb)):
+        wanted[path] = Mount(path, "tmpfs", f"{size_mb}m")
     wanted["/proc"] = Mount("/proc", "proc")
     wanted["/sys"] = Mount("/sys", "sys")
     for pattern in (*_DEVICES, *_GPU_DEVICES):
@@ -450,7 +438,7 @@ def _make(mount: Mount) -> str | None:
     elif mount.kind == "tmpfs":
         os.makedirs(target, 0o755, exist_ok=True)
         mode = "0755" if target == "/dev" else "1777"
-        _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode={mode}")
+        _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode={mode},size={mount.source}")
     elif mount.kind == "proc":
         os.makedirs(target, 0o755, exist_ok=True)
         try:

@@ -25,6 +25,16 @@ def main() -> int:
     args = parser.parse_args()
     behaviour = yaml.safe_load(Path(args.config).read_text())["behaviour"].get(args.step, {})
     print(f"{args.step}: fd 3 is {'open' if _open(3) else 'closed'}", flush=True)
+    if behaviour.get("fill_tmp_mb"):
+        chunk = b"x" * 2**20
+        with open("/tmp/fill", "wb") as handle:
+            for written in range(behaviour["fill_tmp_mb"]):
+                try:
+                    handle.write(chunk)
+                    handle.flush()
+                except OSError as exc:
+                    print(f"{args.step}: /tmp full after {written} MB: {exc.strerror}")
+                    return 1
     if behaviour.get("fail"):
         print(f"{args.step} failing on purpose{behaviour.get('say', '')}", file=sys.stderr)
         return 1
