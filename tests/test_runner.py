@@ -9,6 +9,7 @@ on the results channel; the sandbox itself is tested in test_sandbox.py.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import json
 import os
@@ -38,6 +39,7 @@ from engine.runner import (
 from engine.runner.containment import cgroup_base
 from engine.runner.isolation import all_processes, build_environment, is_running, read_stat
 from engine.runner.output import LINE_CAP, TRUNCATION_MARKER, OutputSink
+from engine.runner.zygote_server import _dense_anonymous_ranges
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -481,6 +483,16 @@ async def test_a_dead_zygote_is_replaced_on_the_next_run(make_case) -> None:
     finally:
         await runner.aclose()
     assert runner.zygote_pid is None
+
+
+async def test_the_zygote_collapses_only_whole_huge_pages_of_dense_memory() -> None:
+    block = bytearray(b"x" * (16 << 20))  # 16 MB of anonymous memory, every page touched
+    low = ctypes.addressof((ctypes.c_char * len(block)).from_buffer(block))
+    high = low + len(block)
+    huge = 2 << 20
+    ranges = _dense_anonymous_ranges()
+    assert all(start % huge == 0 and end % huge == 0 and end > start for start, end in ranges)
+    assert any(start <= low + huge and end >= high - huge for start, end in ranges)
 
 
 # ---------------------------------------------------------------------------- fallbacks

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import faulthandler
 import gc
 import importlib
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # The preloaded objects move to the permanent generation: a child's garbage collections
     # then never walk (and copy-on-write-fault) the zygote's whole heap.
     gc.freeze()
+    _collapse_into_huge_pages()
 
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
@@ -96,6 +98,39 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 os.read(wake_read, 4096)
                 _reap(sock, runs)
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_COLLAPSE = 25  # Linux 6.1: make the range's pages transparent huge pages now
+
+
+def _collapse_into_huge_pages() -> None:
+    """Back the preloaded heap with huge pages: each fork then shares one entry per 2 MB
+    instead of copying 512, and each exit drops as few (a run's three forks and exits cost
+    about half as much). Best effort: where the kernel refuses, runs are only slower."""
+    madvise = ctypes.CDLL(None).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, end in _dense_anonymous_ranges():
+        madvise(start, end - start, _MADV_COLLAPSE)
+
+
+def _dense_anonymous_ranges() -> list[tuple[int, int]]:
+    """The 2 MB-aligned parts of our writable private mappings that are at least half
+    populated with anonymous memory (a sparse one would grow to whole huge pages)."""
+    ranges = []
+    span: tuple[int, int] | None = None
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if "-" in fields[0]:  # a mapping's first line: its range, permissions, ...
+                low, high = (int(part, 16) for part in fields[0].split("-"))
+                span = (low, high) if fields[1] == "rw-p" else None
+            elif fields[0] == "Anonymous:" and span and int(fields[1]) * 2048 >= span[1] - span[0]:
+                start = -(-span[0] // _HUGE_PAGE) * _HUGE_PAGE  # rounded up
+                end = span[1] // _HUGE_PAGE * _HUGE_PAGE
+                if end > start:
+                    ranges.append((start, end))
+    return ranges
 
 
 def _start_run(sock: socket.socket, request: dict, fds: list[int], runs: set[int]) -> None:
