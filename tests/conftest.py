@@ -90,27 +90,56 @@ class Steps:
     def folder(self, name: str) -> Path:
         return self.root / name
 
+    def argv(self, step: str, *extra: str | Path | float) -> list[str]:
+        """The harness's arguments for `step`, as proctor passes them."""
+        split = self.folder("split")
+        state, predictions = self.folder("train_out"), self.folder("predict_out")
+        own = {
+            "prepare": ["--data-cache", self.data_cache, "--split", split, "--seed", 0],
+            "train": ["--data", split / "train", "--out", state],
+            "predict": ["--data", split / "eval", "--state", state, "--out", predictions],
+            "score": ["--data", split / "score", "--state", state, "--predictions",
+                      predictions, "--train-seconds", 2.0],
+        }[step]
+        return [str(a) for a in (step, "--config", self.config, *own, *extra)]
+
+    def _run(self, step: str, *extra: str | Path | float) -> subprocess.CompletedProcess[str]:
+        results = self.folder(f"{step}.json") if step in ("prepare", "score") else None
+        return self.run_harness(*self.argv(step, *extra), results=results, cwd=self.workspace)
+
     def prepare(self, seed: int = 0) -> subprocess.CompletedProcess[str]:
-        return self.run_harness("prepare", "--config", self.config, "--data-cache",
-                                self.data_cache, "--split", self.folder("split"), "--seed",
-                                seed, results=self.folder("prepare.json"), cwd=self.workspace)
+        argv = self.argv("prepare")
+        argv[argv.index("--seed") + 1] = str(seed)
+        return self.run_harness(*argv, results=self.folder("prepare.json"), cwd=self.workspace)
 
     def train(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return self.run_harness("train", "--config", self.config, "--data",
-                                self.folder("split") / "train", "--out", self.folder("train_out"),
-                                *extra, cwd=self.workspace)
+        return self._run("train", *extra)
 
     def predict(self) -> subprocess.CompletedProcess[str]:
-        return self.run_harness("predict", "--config", self.config, "--data",
-                                self.folder("split") / "eval", "--state", self.folder("train_out"),
-                                "--out", self.folder("predict_out"), cwd=self.workspace)
+        return self._run("predict")
 
     def score(self, train_seconds: float = 2.0) -> subprocess.CompletedProcess[str]:
-        return self.run_harness("score", "--config", self.config, "--data",
-                                self.folder("split") / "score", "--state",
-                                self.folder("train_out"), "--predictions",
-                                self.folder("predict_out"), "--train-seconds", train_seconds,
-                                results=self.folder("score.json"), cwd=self.workspace)
+        return self._run("score", "--train-seconds", train_seconds)
+
+    def all_steps(self, steps: tuple[str, ...] = ("prepare", "train", "predict", "score")
+                  ) -> subprocess.CompletedProcess[str]:
+        """`steps` in one interpreter, each through `main()` as a zygote child calls it (torch
+        is imported once); stops at the first that fails, with its exit code."""
+        plan = [(step, self.argv(step), str(self.folder(f"{step}.json"))
+                 if step in ("prepare", "score") else None) for step in steps]
+        script = (
+            "import json, os, sys\n"
+            "from models.harness import main\n"
+            "for step, argv, results in json.loads(sys.argv[1]):\n"
+            "    if results:\n"
+            "        os.dup2(os.open(results, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 3)\n"
+            "    code = main(argv)\n"
+            "    if code:\n"
+            "        sys.exit(code)\n"
+        )
+        return subprocess.run([sys.executable, "-c", script, json.dumps(plan)],
+                              cwd=self.workspace, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
 
     def results(self, step: str) -> dict:
         return json.loads(self.folder(f"{step}.json").read_text())

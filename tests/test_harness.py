@@ -133,9 +133,7 @@ def test_nan_weights_score_as_diverged(harness_steps, models_workspace):
     write_trainer(models_workspace, "report(1, 1.0)\nwith torch.no_grad():\n"
                   "    for p in model.parameters():\n        p.fill_(math.nan)\nreturn model\n")
     harness_steps.workspace = models_workspace
-    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
-        assert step().returncode == 0
-    assert harness_steps.score().returncode == 3
+    assert harness_steps.all_steps().returncode == 3
     body = harness_steps.results("score")
     assert body["status"] == "diverged" and "not finite" in body["error"]
 
@@ -146,9 +144,7 @@ def test_a_model_that_stores_the_targets_cannot_be_loaded_for_predict(
     write_trainer(models_workspace, "model.register_buffer('table', data.targets.clone())\n"
                   "report(1, 1.0)\nreturn model\n")
     harness_steps.workspace = models_workspace
-    for step in (harness_steps.prepare, harness_steps.train):
-        assert step().returncode == 0
-    done = harness_steps.predict()
+    done = harness_steps.all_steps()
     assert done.returncode == 1 and "Unexpected key(s) in state_dict: \"table\"" in done.stderr
 
 
@@ -163,8 +159,7 @@ def test_a_trainer_that_raises_fails_with_its_error(harness_steps, models_worksp
 
 
 def test_the_scorer_imports_no_editable_code(harness_steps, models_workspace):
-    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
-        assert step().returncode == 0
+    assert harness_steps.all_steps(("prepare", "train", "predict")).returncode == 0
     for name in ("siren.py", "trainer.py"):
         (models_workspace / "models" / name).write_text("raise SystemExit('imported!')\n")
     harness_steps.workspace = models_workspace
@@ -343,8 +338,7 @@ def test_check_does_not_import_torch(tiny_config):
 
 
 def test_a_side_file_left_by_the_train_step_fails_the_score(harness_steps):
-    for step in (harness_steps.prepare, harness_steps.train, harness_steps.predict):
-        assert step().returncode == 0
+    assert harness_steps.all_steps(("prepare", "train", "predict")).returncode == 0
     (harness_steps.folder("train_out") / "table.npz").write_bytes(b"the training data")
     assert harness_steps.score().returncode == 1
     body = harness_steps.results("score")

@@ -646,9 +646,8 @@ def test_templates_train_the_tiny_config_through_the_real_harness(
         cwd=models_workspace, capture_output=True, text=True, timeout=60)
     assert Path(where.stdout.strip()) == models_workspace / "models" / "trainer.py"
     steps = replace(harness_steps, config=few_steps_config, workspace=models_workspace)
-    for step in (steps.prepare, steps.train, steps.predict, steps.score):
-        completed = step()
-        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    completed = steps.all_steps()
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     results = steps.results("score")
     assert results["status"] == "ok", results
     assert results["metrics"]["final_mse"] is not None
