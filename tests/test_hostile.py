@@ -113,7 +113,7 @@ def snapshot(project: Path) -> dict[str, str]:
 # What the hostile code must never achieve. The rest is judged by its effects: reading its
 # own processes' environments is allowed, and a write to a path under /tmp (where the tests'
 # projects live) may land in the run's private /tmp.
-MUST_FAIL = ("journal", "cgroup", "key_file", "tcp", "unix_path", "unix_abstract",
+MUST_FAIL = ("journal", "truth", "cgroup", "key_file", "tcp", "unix_path", "unix_abstract",
              "signal_victim", "signal_test", "git_hook", "git_config", "checkout", "venv",
              "home", "atexit_fd3")
 
@@ -189,7 +189,10 @@ def test_hostile_training_code_changes_nothing(mode, user, reachable_tmp):
                     *(json.dumps(p) for p in (honest, plan, replay))]
             if as_nobody:
                 argv = unprivileged.argv_as_nobody(argv)
-            done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
+            # from the project folder, as users start proctor (so it is on sys.path)
+            done = subprocess.run(argv, env={**env, "PYTHONPATH": f"{project}:{ROOT}"},
+                                  cwd=project,
+                                  capture_output=True, text=True,
                                   timeout=600, stdin=subprocess.DEVNULL)
             assert done.returncode == 0, done.stderr[-3000:]
             results = [json.loads(line) for line in done.stdout.splitlines()]

@@ -79,6 +79,8 @@ def write_journal() -> None:
         return "approved and rewrote R2"
 
     attempt("journal", tamper)
+    truth = Path(PLAN["run_dir"]) / "sandbox" / "split" / "score" / "truth.npz"
+    attempt("truth", lambda: f"{len(truth.read_bytes())} bytes of the scorer's truth")
 
 
 def escape() -> None:
