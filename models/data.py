@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import io
 import json
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("log/cache/data")
+SIMULATION_PROGRESS_S = 10.0  # the longest silence while simulating
 STAGGER = 0.15  # disc centres sit at drop_height + up to this much, drawn from the seed
 _ARRAYS = ("position", "velocity", "C", "F", "Jp", "S", "material", "mass", "time")
 
@@ -141,8 +143,11 @@ def load_frames(
                 path.unlink(missing_ok=True)
         log(f"simulating {sim.n_frames} frames of {len(sim.materials)} discs -> {path}")
 
+        last_line = [time.monotonic()]
+
         def progress(frame: int, total: int) -> None:  # also keeps a no-output watchdog quiet
-            if frame % 8 == 0 or frame == total:
+            if frame == total or time.monotonic() - last_line[0] >= SIMULATION_PROGRESS_S:
+                last_line[0] = time.monotonic()
                 log(f"simulated frame {frame}/{total}")
 
         frames = simulate(scene(sim), progress=progress)

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from models.settings import FIELD_CHANNELS, ExperimentSettings, SettingsError, l
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 EXPLOSION_FACTOR = 1e4  # a loss this many times the first one counts as diverged
+PROGRESS_EVERY_S = 15.0  # at most this long without a line from training or the simulation
 EVAL_CHUNK_POINTS = 65_536
 EDITABLE_MODULES = ("models.siren", "models.trainer")
 METRIC_KEYS = (
@@ -67,19 +69,29 @@ class BadRuntimeConfig(Exception):
 class DivergenceWatchdog:
     """The `report(step, loss)` callback the trainer gets: raises Diverged on a NaN/inf loss
     or one that explodes past EXPLOSION_FACTOR x the first, and remembers that it did (so a
-    trainer that swallows the exception is still caught)."""
+    trainer that swallows the exception is still caught). With `total_steps`, it also prints
+    a progress line when PROGRESS_EVERY_S passed without one, whatever the trainer prints: a
+    slow run is never taken for a silent one."""
 
-    def __init__(self, factor: float = EXPLOSION_FACTOR) -> None:
+    def __init__(self, factor: float = EXPLOSION_FACTOR, total_steps: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.factor = factor
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.steps = 0
         self.reason: str | None = None
+        self.total_steps = total_steps
+        self._clock = clock
+        self._last_progress = clock()
 
     def __call__(self, step: int, loss: float) -> None:
         loss = float(loss)
         self.steps = max(self.steps, int(step))
         self.last_loss = loss
+        if self.total_steps is not None and self._clock() - self._last_progress >= \
+                PROGRESS_EVERY_S:
+            self._last_progress = self._clock()
+            _say(f"step {step}/{self.total_steps} loss {loss:.3e}")
         if not math.isfinite(loss):
             self.reason = f"loss is {loss} at step {step}"
         elif self.first_loss is None:
@@ -267,7 +279,7 @@ def train(settings: ExperimentSettings, args: argparse.Namespace, result: StepRe
         f"{sum(p.numel() for p in model.parameters())} parameters, "
         f"{settings.training.steps} steps, {coords.shape[0]} frames"
     )
-    watchdog = DivergenceWatchdog()
+    watchdog = DivergenceWatchdog(total_steps=settings.training.steps)
     try:
         trained = trainer.train(model, data, settings.training, watchdog)
     except Exception:

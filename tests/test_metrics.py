@@ -86,3 +86,15 @@ def test_watchdog_passes_a_decreasing_loss_and_stops_nan_and_explosions():
     with pytest.raises(Diverged, match="nan"):
         DivergenceWatchdog()(1, math.nan)
     assert DivergenceWatchdog().reason is None
+
+
+def test_the_watchdog_prints_progress_when_training_stays_quiet_too_long(capsys):
+    now = [0.0]
+    watchdog = DivergenceWatchdog(total_steps=500, clock=lambda: now[0])
+    for step in range(1, 500):
+        now[0] += 0.125  # 8 steps/s: a line every 120 steps, none between
+        watchdog(step, 1.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[harness] step {s}/500 loss 1.000e+00" for s in (120, 240, 360, 480)]
+    assert DivergenceWatchdog(clock=lambda: now[0] + 100)(1, 1.0) is None  # no total: quiet
+    assert capsys.readouterr().out == ""
