@@ -8,13 +8,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parents[1]
+
+MODES = ["subprocess", "zygote"]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module", params=MODES)
+async def runner(request: pytest.FixtureRequest) -> AsyncIterator:
+    """One runner per mode for a whole test module (the zygote imports numpy and torch
+    once); a module that needs another kind defines its own."""
+    from engine.runner import make_runner
+
+    made = make_runner(request.param)
+    yield made
+    await made.aclose()
+
 
 @pytest.fixture
 def reachable_tmp() -> Iterator[Path]:

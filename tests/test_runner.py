@@ -20,12 +20,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from engine.config import Limits, Timeouts
 from engine.runner import (
@@ -44,18 +43,11 @@ from engine.runner.zygote_server import _dense_anonymous_ranges
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SCRIPTS = Path(__file__).parent / "runner_scripts"
-MODES = ["subprocess", "zygote"]
+from conftest import MODES  # noqa: E402 (one list for the fixture and the tests)
+
 TEST_LIMITS = Limits(memory_mb=1024, file_size_mb=16, open_files=256, processes=48, log_mb=1)
 TEST_TIMEOUTS = Timeouts(wall_s=30, no_output_s=30, kill_grace_s=1)
 HAVE_CGROUP = cgroup_base()[0] is not None
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module", params=MODES)
-async def runner(request: pytest.FixtureRequest) -> AsyncIterator:
-    """One runner per mode for the whole module (the zygote imports numpy and torch once)."""
-    made = make_runner(request.param)
-    yield made
-    await made.aclose()
 
 
 @dataclass

@@ -18,24 +18,24 @@ import socket
 import subprocess
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import unprivileged
 from test_runner import running
 
 from engine.config import Limits, Timeouts
-from engine.runner import RunRequest, RunResult, RunStatus, make_runner, sandbox
+from engine.runner import RunRequest, RunResult, RunStatus, sandbox
 from engine.runner.containment import cgroup_base
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "runner_scripts"
-MODES = ["subprocess", "zygote"]
+from conftest import MODES  # noqa: E402 (one list for the fixture and the tests)
+
 IS_ROOT = os.geteuid() == 0
 SECRET_NAME = "PROCTOR_TEST_ANTHROPIC_API_KEY"
 TIMEOUTS = Timeouts(wall_s=60, no_output_s=60, kill_grace_s=1)
@@ -43,14 +43,6 @@ WRITES = {"file next to the workspace", "git hook", "git config", "venv site-pac
           "read-only data"}
 SECRET_READS = {"environ of the test", "environ of its parent", "key file in the home",
                 "key file hidden in read-only data"}
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module", params=MODES)
-async def runner(request: pytest.FixtureRequest) -> AsyncIterator:
-    """One runner per mode for the whole module (the zygote imports numpy and torch once)."""
-    made = make_runner(request.param)
-    yield made
-    await made.aclose()
 
 
 @dataclass
