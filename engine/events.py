@@ -34,11 +34,15 @@ class IterationStarted(Event):
 
 @dataclass(frozen=True)
 class ProposalReady(Event):
+    """A proposal prepared for review (the journal's `review` step); decisions name
+    `proposal_id`."""
+
     iteration: int
     proposal: Proposal
     diff: str
     config_diff: str
     awaiting_review: bool
+    proposal_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class ProposalDecided(Event):
     approved: bool
     reason: str = ""
     by: str = "policy"
+    proposal_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,12 @@ class LogLines(Event):
 
 @dataclass(frozen=True)
 class TrainingProgress(Event):
+    """How far the run is: `phase` is "simulation" (frames of the dataset) or "training"."""
+
     iteration: int
     step: int
     total: int
+    phase: str = "training"
 
 
 @dataclass(frozen=True)
@@ -196,21 +204,29 @@ class Command:
 
 @dataclass(frozen=True)
 class Approve(Command):
-    iteration: int | None = None  # None: whatever is pending
+    """Approve the proposal `proposal_id` (from its review); any other one is refused."""
+
+    proposal_id: str
+    by: str = ""  # who approved, "name <email>" (the git identity of the human)
 
 
 @dataclass(frozen=True)
 class Reject(Command):
+    proposal_id: str
     reason: str
-    iteration: int | None = None
+    by: str = ""
 
 
 @dataclass(frozen=True)
 class ApproveEdited(Command):
     """Approve a proposal whose editable files the human rewrote (e.g. in $EDITOR)."""
 
+    proposal_id: str
     files: dict[str, str]
-    iteration: int | None = None
+    by: str = ""
+
+
+DECISIONS = (Approve, Reject, ApproveEdited)
 
 
 @dataclass(frozen=True)

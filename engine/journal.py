@@ -48,6 +48,7 @@ class Step(StrEnum):
 
     STARTED = "started"
     PROPOSAL_STORED = "proposal_stored"
+    REVIEW = "review"  # the prepared proposal: diffs, awaiting a human or refused and why
     DECISION = "decision"
     APPLIED = "applied"
     RUN_STARTED = "run_started"

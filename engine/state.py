@@ -1,0 +1,108 @@
+"""The run's durable flags in the journal's `state` table, read and written by name.
+
+Every key the engine keeps between steps is a typed accessor here, so a misspelt key is an
+AttributeError, not a flag that silently reads as unset; viewers read the same accessors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.journal import Journal
+
+PAUSED = "paused"
+ACTIVE_RUN = "active_run"
+HUMAN_QUEUE = "human_queue"
+STALE_PROPOSAL = "stale_proposal"
+POLICY_VIOLATIONS = "policy_violations"
+SANDBOX_MISSING = "sandbox_missing"
+DO_NOT_RETRY = "do_not_retry"
+UNLOGGED = "unlogged"
+
+
+class RunState:
+    """Typed access to one run's durable flags (a setter given None or empty deletes)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def _list(self, key: str) -> list[Any]:
+        value = self.journal.state(key, [])
+        return list(value) if isinstance(value, list) else []
+
+    def _set_list(self, key: str, items: list[Any]) -> None:
+        self.journal.set_state(key, list(items) or None)
+
+    @property
+    def paused(self) -> str | None:
+        """Why the run is paused (None: it is not)."""
+        value = self.journal.state(PAUSED)
+        return str(value) if value is not None else None
+
+    @paused.setter
+    def paused(self, reason: str | None) -> None:
+        self.journal.set_state(PAUSED, reason)
+
+    @property
+    def active_run(self) -> dict[str, Any] | None:
+        """The identity of the process tree of the step that runs now (`ProcessIdentity`)."""
+        value = self.journal.state(ACTIVE_RUN)
+        return value if isinstance(value, dict) else None
+
+    @active_run.setter
+    def active_run(self, identity: dict[str, Any] | None) -> None:
+        self.journal.set_state(ACTIVE_RUN, identity)
+
+    @property
+    def human_queue(self) -> list[dict[str, Any]]:
+        """Nodes humans asked for (`HumanChange` records), oldest first."""
+        return self._list(HUMAN_QUEUE)
+
+    @human_queue.setter
+    def human_queue(self, items: list[dict[str, Any]]) -> None:
+        self._set_list(HUMAN_QUEUE, items)
+
+    @property
+    def stale_proposal(self) -> dict[str, Any] | None:
+        """`{"iteration": N, "paths": [...]}`: files a human edited under a waiting proposal."""
+        value = self.journal.state(STALE_PROPOSAL)
+        return value if isinstance(value, dict) else None
+
+    @stale_proposal.setter
+    def stale_proposal(self, value: dict[str, Any] | None) -> None:
+        self.journal.set_state(STALE_PROPOSAL, value)
+
+    @property
+    def policy_violations(self) -> list[dict[str, Any]]:
+        return self._list(POLICY_VIOLATIONS)
+
+    @policy_violations.setter
+    def policy_violations(self, items: list[dict[str, Any]]) -> None:
+        self._set_list(POLICY_VIOLATIONS, items)
+
+    @property
+    def sandbox_missing(self) -> tuple[str, ...]:
+        """The sandbox layers this machine lacks, and why (shown by every viewer)."""
+        return tuple(str(item) for item in self._list(SANDBOX_MISSING))
+
+    @sandbox_missing.setter
+    def sandbox_missing(self, layers: tuple[str, ...]) -> None:
+        self.journal.set_state(SANDBOX_MISSING, list(layers))
+
+    @property
+    def do_not_retry(self) -> list[str]:
+        """proctor's own notes on failed code changes, kept in memory.md whatever the agent
+        writes there."""
+        return [str(item) for item in self._list(DO_NOT_RETRY)]
+
+    @do_not_retry.setter
+    def do_not_retry(self, notes: list[str]) -> None:
+        self._set_list(DO_NOT_RETRY, notes)
+
+    @property
+    def unlogged(self) -> list[int]:
+        """Finished nodes whose analysis entry waits for the next proposal."""
+        return [int(item) for item in self._list(UNLOGGED)]
+
+    @unlogged.setter
+    def unlogged(self, node_ids: list[int]) -> None:
+        self._set_list(UNLOGGED, node_ids)
