@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# A config is a few KB; these bound the work a hostile or mistaken file can ask of the loader.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_VALUES = 100_000  # scalars and collections, counted after aliases are expanded
+MAX_YAML_DEPTH = 32
+# libyaml's parser when it is installed: fast, and it caps nesting itself; same safe constructors
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Tags a plain YAML document may carry; anything else (e.g. !!python/object/apply) is refused.
 _PLAIN_TAGS = {
@@ -22,9 +36,18 @@ _PLAIN_TAGS = {
     "tag:yaml.org,2002:null",
     "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:merge",  # `<<: *defaults`, the usual way a config reuses an anchor
 }
 
 KeyPath = tuple[str | int, ...]
+
+# Counts are strict integers (a YAML 1e29 is a float or a string, never a count); each field
+# adds its own upper bound, generous for a week-long run on one large GPU, short of absurd.
+Count = Annotated[int, Field(strict=True, ge=1)]
+CountFromZero = Annotated[int, Field(strict=True, ge=0)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Dollars = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+DAY_S = 24 * 3600
 
 
 class ConfigError(Exception):
@@ -62,19 +85,19 @@ class ParamRange(_Strict):
 
 
 class Timeouts(_Strict):
-    wall_s: float = 900.0
-    no_output_s: float = 180.0
-    kill_grace_s: float = 5.0
+    wall_s: Annotated[Seconds, Field(le=30 * DAY_S)] = 900.0
+    no_output_s: Annotated[Seconds, Field(le=30 * DAY_S)] = 180.0
+    kill_grace_s: Annotated[Seconds, Field(le=600)] = 5.0
 
 
 class Limits(_Strict):
     """Per-run resource limits; None switches one off (memory is off by default on a GPU)."""
 
-    memory_mb: int | None = 8192
-    file_size_mb: int | None = 512
-    open_files: int | None = 1024
-    processes: int | None = 512
-    log_mb: float = 20.0
+    memory_mb: Annotated[Count, Field(le=4 * 2**20)] | None = 8192  # 4 TB
+    file_size_mb: Annotated[Count, Field(le=2**20)] | None = 512  # 1 TB
+    open_files: Annotated[Count, Field(le=2**20)] | None = 1024  # Linux's default nr_open
+    processes: Annotated[Count, Field(le=4 * 2**20)] | None = 512  # Linux's largest pid_max
+    log_mb: Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)] = 20.0
 
 
 class Prices(_Strict):
@@ -82,68 +105,37 @@ class Prices(_Strict):
     cache reads at the higher published figure so the budget cap errs on the safe side).
     Override them for another model."""
 
-    input: float = 2.0
-    output: float = 10.0
-    cache_read: float = 0.20
-    cache_write: float = 2.50
-
-    @field_validator("input", "output", "cache_read", "cache_write")
-    @classmethod
-    def _not_negative(cls, value: float) -> float:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError("must be a finite price of 0 or more")
-        return value
+    input: Dollars = 2.0
+    output: Dollars = 10.0
+    cache_read: Dollars = 0.20
+    cache_write: Dollars = 2.50
 
 
 class AnthropicSettings(_Strict):
     """The Claude agent: model, limits, endpoint, key file, budget and prices."""
 
     model: str = "claude-sonnet-5-5"
-    max_tokens: int = 32000
+    max_tokens: Annotated[Count, Field(le=1_000_000)] = 32000
     temperature: float | None = None  # None: not sent (newer models refuse sampling settings)
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
-    max_turns: int = 8  # requests in one proposal, tool rounds and re-asks included
-    max_reasks: int = 2  # malformed answers answered with a correction before giving up
+    # requests in one proposal, tool rounds and re-asks included
+    max_turns: Annotated[Count, Field(le=200)] = 8
+    # malformed answers answered with a correction before giving up
+    max_reasks: Annotated[CountFromZero, Field(le=20)] = 2
     base_url: str | None = None  # None: the SDK's default (or ANTHROPIC_BASE_URL)
     key_file: str | None = None  # used when ANTHROPIC_API_KEY is unset; must be mode 0600
-    budget_usd: float | None = None  # the run pauses once its spend reaches this
-    request_timeout_s: float = 600.0
-    max_retries: int = 4  # the SDK's own retries of 408/409/429/5xx/connection errors
-    retry_backoff_s: float = 0.5  # first SDK retry delay when the API gives no retry-after
-    retry_backoff_max_s: float = 30.0
-    stream_retries: int = 3  # whole-request retries for errors arriving mid-stream
-    stream_retry_backoff_s: float = 2.0  # first wait before such a retry (doubles, jittered)
+    budget_usd: Dollars | None = None  # the run pauses once its spend reaches this
+    request_timeout_s: Annotated[Seconds, Field(le=4 * 3600)] = 600.0
+    # the SDK's own retries of 408/409/429/5xx/connection errors
+    max_retries: Annotated[CountFromZero, Field(le=20)] = 4
+    # first SDK retry delay when the API gives no retry-after
+    retry_backoff_s: Annotated[Seconds, Field(le=600)] = 0.5
+    retry_backoff_max_s: Annotated[Seconds, Field(le=3600)] = 30.0
+    # whole-request retries for errors arriving mid-stream
+    stream_retries: Annotated[CountFromZero, Field(le=20)] = 3
+    # first wait before such a retry (doubles, jittered)
+    stream_retry_backoff_s: Annotated[Seconds, Field(le=600)] = 2.0
     prices: Prices = Prices()
-
-    @field_validator("max_tokens", "max_turns")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("max_reasks", "max_retries", "stream_retries")
-    @classmethod
-    def _not_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator(
-        "request_timeout_s", "retry_backoff_s", "retry_backoff_max_s", "stream_retry_backoff_s"
-    )
-    @classmethod
-    def _positive_seconds(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError("must be a positive number of seconds")
-        return value
-
-    @field_validator("budget_usd")
-    @classmethod
-    def _budget(cls, value: float | None) -> float | None:
-        if value is not None and (not math.isfinite(value) or value < 0):
-            raise ValueError("must be a finite amount of 0 or more")
-        return value
 
     @field_validator("base_url")
     @classmethod
@@ -158,16 +150,16 @@ class Exploration(_Strict):
 
     agent: Literal["heuristic", "anthropic"] | None = None  # None: anthropic when a key is set
     approval: Literal["auto", "code", "all"] = "code"
-    iterations: int = 24
-    block_size: int = 12
+    iterations: Annotated[Count, Field(le=100_000)] = 24
+    block_size: Annotated[Count, Field(le=10_000)] = 12
     score: Literal["puct", "ucb1"] = "puct"
     ucb_c: float = 1.414
     seed: int = 0
     target_r2: float | None = None
-    max_wall_hours: float | None = None
-    parallel: int = 1
+    max_wall_hours: Annotated[float, Field(gt=0, le=366 * 24, allow_inf_nan=False)] | None = None
+    parallel: Annotated[Count, Field(le=64)] = 1
     runner: Literal["zygote", "subprocess"] = "zygote"
-    repair_attempts: int = 2
+    repair_attempts: Annotated[CountFromZero, Field(le=10)] = 2
     # uncommitted changes to editable files at run start: refuse (with instructions) or
     # adopt them as a first "pre-existing changes" node
     dirty: Literal["adopt", "refuse"] = "refuse"
@@ -178,20 +170,6 @@ class Exploration(_Strict):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     anthropic: AnthropicSettings = AnthropicSettings()
-
-    @field_validator("iterations", "block_size", "parallel")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("repair_attempts")
-    @classmethod
-    def _not_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
 
 
 class ExperimentConfig(_Strict):
@@ -230,7 +208,7 @@ class ExperimentConfig(_Strict):
 
 
 def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str) -> None:
-    """Record the line of every key, refuse non-plain tags and duplicate keys."""
+    """Record the line of every key, refuse non-plain tags, non-text keys and duplicate keys."""
     if node.tag not in _PLAIN_TAGS:
         where = ".".join(map(str, path)) or "top level"
         raise ConfigError(
@@ -242,36 +220,103 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str
         seen: set[str] = set()
         for key_node, value_node in node.value:
             _walk(key_node, path + ("<key>",), {}, source)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                where = ".".join(map(str, path)) or "top level"
+                raise ConfigError(f"{source}:{line}: {where}: a key must be plain text")
             key = key_node.value
             if key in seen:
                 dotted = ".".join(map(str, path + (key,)))
-                line = key_node.start_mark.line + 1
                 raise ConfigError(f"{source}:{line}: {dotted}: duplicate key")
             seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            lines[path + (key,)] = line
             _walk(value_node, path + (key,), lines, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _walk(item, path + (index,), lines, source)
 
 
+def _check_expansion(text: str, source: str) -> None:
+    """Refuse, from the parser's events and before any node is built, a recursive anchor,
+    nesting deeper than MAX_YAML_DEPTH and more than MAX_YAML_VALUES values once aliases
+    are expanded (a few hundred bytes of nested aliases can stand for billions)."""
+    anchored_sizes: dict[str, int] = {}  # anchor -> values in its node, aliases expanded
+    open_collections: list[tuple[str | None, int]] = []  # (anchor, values counted before it)
+    values = 0
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
+        where = f"{source}:{event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise ConfigError(
+                    f"{where}: alias *{event.anchor} sits inside the node it names "
+                    "(a recursive anchor); configs cannot refer to themselves"
+                )
+            values += anchored_sizes.get(event.anchor, 0)  # undefined: the composer says so
+        elif isinstance(event, yaml.ScalarEvent):
+            values += 1
+            if event.anchor is not None:
+                anchored_sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_collections.append((event.anchor, values))
+            values += 1
+            if len(open_collections) > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_collections.pop()
+            if anchor is not None:
+                anchored_sizes[anchor] = values - before
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{where}: more than {MAX_YAML_VALUES:,} values once aliases are expanded "
+                "(a config needs a few hundred)"
+            )
+
+
+def _yaml_problem(exc: yaml.YAMLError, source: str) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    line = f"{mark.line + 1}" if mark is not None else "?"
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{source}:{line}: not valid YAML: {problem}"
+
+
 def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    """Plain YAML to a mapping plus the line of every key path."""
+    """Plain, bounded YAML to a mapping plus the line of every key path."""
+    loader = _YAML_LOADER(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_expansion(text, source)
+        root = loader.get_single_node()
+        if root is None:
+            raise ConfigError(f"{source}: the file is empty")
+        lines: dict[KeyPath, int] = {}
+        _walk(root, (), lines, source)
+        data = loader.construct_document(root)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark is not None else "?"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}:{line}: not valid YAML: {problem}") from None
-    if root is None:
-        raise ConfigError(f"{source}: the file is empty")
-    lines: dict[KeyPath, int] = {}
-    _walk(root, (), lines, source)
-    data = yaml.safe_load(text)
+        raise ConfigError(_yaml_problem(exc, source)) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the top level must be a mapping of sections")
     return data, lines
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file, refused unparsed (and unread past the limit) above
+    MAX_CONFIG_BYTES."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes (1 MB), the limit for a config file"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
 
 
 def _line_of(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
@@ -282,37 +327,31 @@ def _line_of(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
     return None
 
 
+def _describe(loc: KeyPath, message: str, lines: dict[KeyPath, int], source: str) -> str:
+    """One problem as `file:line: dotted.key: message` (no line when the key is not in the file)."""
+    line = _line_of(loc, lines)
+    prefix = f"{source}:{line}" if line is not None else source
+    return f"{prefix}: {'.'.join(map(str, loc)) or 'top level'}: {message}"
+
+
 def describe_errors(exc: ValidationError, lines: dict[KeyPath, int], source: str) -> str:
     """Pydantic errors as `file:line: dotted.key: message`, one per line."""
     out = []
     for error in exc.errors():
-        loc = tuple(error["loc"])
-        line = _line_of(loc, lines)
-        dotted = ".".join(map(str, loc)) or "top level"
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        message = message.removeprefix("Value error, ")
-        prefix = f"{source}:{line}" if line is not None else source
-        out.append(f"{prefix}: {dotted}: {message}")
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        out.append(_describe(tuple(error["loc"]), message.removeprefix("Value error, "), lines,
+                             source))
     return "\n".join(out)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Load and validate a config file; raises ConfigError with a precise message."""
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source}: cannot read the config: {exc}") from None
-    data, lines = parse_yaml(text, source)
+    data, lines = parse_yaml(_read_config_text(path), str(path))
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, lines, source)) from None
+        raise ConfigError(describe_errors(exc, lines, str(path))) from None
 
 
 def find_project_root(config_path: str | Path) -> Path:
@@ -360,12 +399,8 @@ def check_experiment_sections(
             f"{path}: the experiment's config check ({config.exploration.harness} --check) "
             f"failed: {' | '.join(tail) or 'no output'}"
         )
-    _, lines = parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    out = []
-    for error in errors:
-        loc = tuple(error.get("loc", ()))
-        line = _line_of(loc, lines)
-        dotted = ".".join(map(str, loc)) or "top level"
-        prefix = f"{path}:{line}" if line is not None else str(path)
-        out.append(f"{prefix}: {dotted}: {error.get('msg', 'invalid')}")
-    raise ConfigError("\n".join(out))
+    _, lines = parse_yaml(_read_config_text(path), str(path))
+    raise ConfigError("\n".join(
+        _describe(tuple(error.get("loc", ())), error.get("msg", "invalid"), lines, str(path))
+        for error in errors
+    ))

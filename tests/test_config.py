@@ -1,12 +1,24 @@
 """The config loader: good configs load, bad ones give one precise message naming the key."""
 
+import json
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, check_experiment_sections, load_config
 
-DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "multimaterial_1_discs_3types.yaml"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "configs" / "multimaterial_1_discs_3types.yaml"
+# `python -m MODULE ARGS` under an address-space cap, so a loader that expands aliases fails
+# instead of taking the machine's memory (the unbounded loader needed 11 GB for the bomb below).
+CAPPED_MODULE = (
+    "import resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_AS, (512 * 2**20, 512 * 2**20)); "
+    "del sys.argv[0]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -65,24 +77,42 @@ def test_duplicate_key_is_refused(tmp_path):
         load_config(path)
 
 
-def test_search_space_must_name_real_keys(tmp_path):
-    path = write(
-        tmp_path,
-        "training: {learning_rate: 0.001}\n"
-        "exploration:\n  search_space:\n    training.lr: {low: 0.1, high: 1.0}\n",
-    )
-    with pytest.raises(ConfigError, match="names 'training.lr', which is not a key"):
-        load_config(path)
-
-
-def test_bad_range_is_explained(tmp_path):
-    path = write(
-        tmp_path,
-        "training: {learning_rate: 0.001}\n"
-        "exploration:\n  search_space:\n    training.learning_rate: {low: 0, high: 1, log: true}\n",
-    )
-    with pytest.raises(ConfigError, match="log-scaled range needs low > 0"):
-        load_config(path)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "training: {learning_rate: 0.001}\n"
+            "exploration:\n  search_space:\n    training.lr: {low: 0.1, high: 1.0}\n",
+            "names 'training.lr', which is not a key",
+        ),
+        (
+            "training: {learning_rate: 0.001}\nexploration:\n  search_space:\n"
+            "    training.learning_rate: {low: 0, high: 1, log: true}\n",
+            "log-scaled range needs low > 0",
+        ),
+        (
+            "exploration:\n  iterations: 100000000\n",
+            ":2: exploration.iterations: Input should be less than or equal to 100000",
+        ),
+        (
+            "exploration:\n  iterations: 24.0\n",
+            ":2: exploration.iterations: Input should be a valid integer",
+        ),
+        (
+            "exploration:\n  timeouts: {wall_s: 1.0e+12}\n",
+            ":2: exploration.timeouts.wall_s: Input should be less than or equal to 2592000",
+        ),
+        (
+            "exploration:\n  anthropic:\n    max_retries: 1000000\n",
+            ":3: exploration.anthropic.max_retries: Input should be less than or equal to 20",
+        ),
+    ],
+    ids=["unknown-search-key", "log-range-from-0", "iterations", "iterations-float",
+         "wall-seconds", "retries"],
+)
+def test_bad_exploration_values_are_explained(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
 
 
 def test_missing_and_empty_files(tmp_path):
@@ -92,3 +122,132 @@ def test_missing_and_empty_files(tmp_path):
         load_config(write(tmp_path, ""))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_a_config_over_1_mb_is_refused_unparsed(tmp_path):
+    path = write(tmp_path, "description: " + "x" * 1_000_000 + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}: larger than 1,000,000 bytes (1 MB), the limit for a config file"
+    )
+
+
+def test_a_100_mb_config_is_refused_without_being_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as handle:
+        handle.truncate(100 * 10**6)  # sparse: 100 MB on paper, nothing on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="the limit for a config file"):
+            load_config(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def alias_bomb() -> str:
+    """The "billion laughs": 9 levels of 9 aliases stand for 9**9 (387 million) strings."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def capped(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CAPPED_MODULE, module, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "harness_message"),
+    [
+        (
+            alias_bomb(),
+            ":6: more than 100,000 values once aliases are expanded",
+            "more than 100,000 values once aliases expand",
+        ),
+        (
+            "a: &a [*a]\n",
+            ":1: alias *a sits inside the node it names (a recursive anchor)",
+            "alias *a is recursive or undefined",
+        ),
+        (
+            "a: &a {b: {c: *a}}\n",
+            ":1: alias *a sits inside the node it names",
+            "alias *a is recursive or undefined",
+        ),
+    ],
+    ids=["alias-bomb", "recursive-list", "recursive-mapping"],
+)
+def test_alias_bombs_and_recursive_anchors_are_one_message(tmp_path, text, message,
+                                                           harness_message):
+    assert len(text.encode()) < 500
+    path = write(tmp_path, text)
+    for command in (["train", str(path)], ["run", str(path), "--headless"]):
+        result = capped("tui.cli", *command)
+        assert result.returncode == 2, result.stderr
+        header, *problems = result.stderr.splitlines()
+        assert header == "proctor: bad config:"
+        assert len(problems) == 1 and problems[0].startswith(f"{path}{message}")
+    # the experiment's own reader, for a harness run by hand
+    check = capped("models.harness", "--check", str(path))
+    assert check.returncode == 2, check.stderr
+    assert json.loads(check.stdout) == {"errors": [{"loc": [], "msg": harness_message}]}
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    path = write(tmp_path, "description: " + "[" * 900 + "]" * 900 + "\n")
+    with pytest.raises(ConfigError, match=r":1: nested deeper than 32 levels"):
+        load_config(path)
+
+
+def test_a_key_that_is_not_text_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r":2: training: a key must be plain text"):
+        load_config(write(tmp_path, "training:\n  [a, b]: 1\n"))
+
+
+def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
+    path = write(
+        tmp_path,
+        "simulation:\n  seed: &seed 7\n"
+        "training:\n  seed: *seed\n  learning_rate: 1.0e-3\n"
+        "model:\n  hidden_dim: 64\n  omega_0: 30.0\n"
+        "exploration:\n  search_space:\n"
+        "    model.omega_0: &wide {low: 5.0, high: 80.0}\n"
+        "    model.hidden_dim: {<<: *wide, integer: true}\n",
+    )
+    config = load_config(path)
+    assert config.value_at("training.seed") == config.value_at("simulation.seed") == 7
+    assert config.exploration.search_space["model.hidden_dim"].integer
+    assert config.exploration.search_space["model.hidden_dim"].low == 5.0
+    check_experiment_sections(path, config, REPO)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "training: {steps: 100000000000000000000000000000}",
+            "training.steps: Input should be less than or equal to 1000000000",
+        ),
+        ("training: {steps: 1.0e+29}", "training.steps: Input should be a valid integer"),
+        (
+            "simulation: {substeps_per_frame: 100000000}",
+            "simulation.substeps_per_frame: Input should be less than or equal to 10000",
+        ),
+        (
+            "simulation: {n_frames: 100000000}",
+            "simulation.n_frames: Input should be less than or equal to 10000",
+        ),
+    ],
+)
+def test_absurd_sizes_are_refused_by_the_experiment_schema(tmp_path, line, message):
+    path = write(tmp_path, f"description: x\n{line}\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        check_experiment_sections(path, config, REPO)
+    assert str(caught.value) == f"{path}:2: {message}"
