@@ -48,6 +48,8 @@ CountFromZero = Annotated[int, Field(strict=True, ge=0)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Dollars = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 DAY_S = 24 * 3600
+_NOT_AN_INTEGER = {"int_type", "int_parsing", "int_from_float"}
+_COUNT_IN_DIGITS = ", written in digits (YAML reads 1e8 as text and 1.0e+8 as a float)"
 
 
 class ConfigError(Exception):
@@ -339,6 +341,8 @@ def describe_errors(exc: ValidationError, lines: dict[KeyPath, int], source: str
     out = []
     for error in exc.errors():
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] in _NOT_AN_INTEGER and isinstance(error["input"], str | float):
+            message += _COUNT_IN_DIGITS
         out.append(_describe(tuple(error["loc"]), message.removeprefix("Value error, "), lines,
                              source))
     return "\n".join(out)

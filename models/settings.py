@@ -20,6 +20,8 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 # room for a week-long run on one large GPU (an H200: ~1e9 small training steps in a week).
 MAX_FRAMES = 10_000
 MAX_STEPS = 1_000_000_000
+_NOT_AN_INTEGER = {"int_type", "int_parsing", "int_from_float"}
+_COUNT_IN_DIGITS = ", written in digits (YAML reads 1e8 as text and 1.0e+8 as a float)"
 # What a config file may ask of the YAML reader (a config is a few KB).
 MAX_CONFIG_BYTES = 1_000_000
 MAX_YAML_VALUES = 100_000  # scalars and collections, counted after aliases are expanded
@@ -139,6 +141,8 @@ def validate_settings(data: Any) -> ExperimentSettings:
         errors = []
         for error in exc.errors():
             message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            if error["type"] in _NOT_AN_INTEGER and isinstance(error["input"], str | float):
+                message += _COUNT_IN_DIGITS
             errors.append((tuple(error["loc"]), message.removeprefix("Value error, ")))
         raise SettingsError(errors) from None
 

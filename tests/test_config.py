@@ -227,6 +227,9 @@ def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
     check_experiment_sections(path, config, REPO)
 
 
+DIGITS = ", written in digits (YAML reads 1e8 as text and 1.0e+8 as a float)"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -234,7 +237,12 @@ def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
             "training: {steps: 100000000000000000000000000000}",
             "training.steps: Input should be less than or equal to 1000000000",
         ),
-        ("training: {steps: 1.0e+29}", "training.steps: Input should be a valid integer"),
+        ("training: {steps: 1e29}", f"training.steps: Input should be a valid integer{DIGITS}"),
+        ("training: {steps: 1.0e+29}", f"training.steps: Input should be a valid integer{DIGITS}"),
+        (
+            "simulation: {substeps_per_frame: 1e8}",
+            f"simulation.substeps_per_frame: Input should be a valid integer{DIGITS}",
+        ),
         (
             "simulation: {substeps_per_frame: 100000000}",
             "simulation.substeps_per_frame: Input should be less than or equal to 10000",
@@ -244,6 +252,7 @@ def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
             "simulation.n_frames: Input should be less than or equal to 10000",
         ),
     ],
+    ids=["steps", "steps-1e29", "steps-float", "substeps-1e8", "substeps", "frames"],
 )
 def test_absurd_sizes_are_refused_by_the_experiment_schema(tmp_path, line, message):
     path = write(tmp_path, f"description: x\n{line}\n")
