@@ -24,22 +24,16 @@ from typing import Any
 
 from engine import events as ev
 from engine.config import ExperimentConfig
-from engine.edits import EditError, apply_edits, unified_diff
+from engine.human import MANUAL_EDIT, REVERT
 from engine.journal import LOCK_FILE, Event, Journal, JournalError, RunEvent, Step
 from engine.logs import RunLogs, strip_control
-from engine.loop import (
-    HUMAN_QUEUE_KEY,
-    PROGRESS,
-    SANDBOX_KEY,
-    STALE_KEY,
-    config_changes,
-    describe_changes,
-    set_dotted,
-)
+from engine.paths import RunPaths
+from engine.progress import latest_progress
 from engine.proposal import Proposal
-from engine.runner.types import RunResult, RunStatus
-from engine.tree import Node, NodeStatus, Tree, TreeError
-from engine.vcs import VcsError
+from engine.review import Review
+from engine.runner.types import RunResult
+from engine.state import RunState
+from engine.tree import Node, NodeStatus, Tree, TreeError, status_after_run
 from engine.watch import PENDING_KEY, ManualEdit
 from engine.workspace import CodeStore
 
@@ -49,14 +43,6 @@ MAX_LINES_PER_POLL = 2000
 TAIL_START_BYTES = 256 * 1024
 # Bytes read from a log per poll; a faster writer is skipped ahead (the marker says so).
 MAX_READ_BYTES = 4 * 1024 * 1024
-
-_STATUS_OF_RUN = {RunStatus.OK: NodeStatus.DONE, RunStatus.DIVERGED: NodeStatus.DIVERGED}
-
-
-def node_status_of(result: RunResult) -> NodeStatus:
-    """The node status a run result gives (what the engine's `_finish_node` records)."""
-    return _STATUS_OF_RUN.get(result.status, NodeStatus.FAILED)
-
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -109,6 +95,7 @@ class RunReader:
         self.tree = Tree(block_size=exploration.block_size, score=exploration.score,
                          c=exploration.ucb_c)
         self.logs = RunLogs(self.run_dir)
+        self.paths = RunPaths(self.run_dir)
         # Built from the run folder's vcs.yaml on first use (an attached reader has no engine).
         self.code = CodeStore(self.run_dir, exploration.harness.split(".")[0],
                               exploration.editable_files)
@@ -173,7 +160,7 @@ class RunReader:
             self.tree.update(iteration, status=NodeStatus.RUNNING)
         elif row.step == Step.RUN_FINISHED and iteration in self.tree:
             result = RunResult.from_dict(payload["result"])
-            self.tree.update(iteration, status=node_status_of(result),
+            self.tree.update(iteration, status=status_after_run(result.status),
                              metrics=dict(result.metrics))
         if row.step == Step.RECORDED:
             started = self.iteration_times.get(iteration, (row.created_at, None))[0]
@@ -221,43 +208,6 @@ class RunReader:
         with self.lock:
             commit = self._commit_of(node_id)
         return self.code.files_at_commit(commit)
-
-    def proposal_files(self, proposal: Proposal,
-                       human_files: dict[str, str] | None = None
-                       ) -> tuple[dict[str, str], dict[str, str]]:
-        """The editable files at the proposal's parent, and as the proposal leaves them
-        (`human_files`: the whole texts a human's change sets, for reverts and adopted edits).
-
-        Raises EditError for edits the engine would refuse."""
-        before = self.files_at(proposal.parent_id)
-        if human_files is not None:
-            return before, {**before, **human_files}
-        whitelist = self.info.config.exploration.editable_files
-        return before, {**before, **apply_edits(before, proposal.edits, whitelist)}
-
-    def proposal_diff(self, proposal: Proposal,
-                      human_files: dict[str, str] | None = None) -> str:
-        """The unified diff of a proposal's code ('' for a config-only proposal)."""
-        if not proposal.edits and not human_files:
-            return ""
-        before, after = self.proposal_files(proposal, human_files)
-        return unified_diff(before, after)
-
-    def config_diff(self, proposal: Proposal) -> str:
-        """`key: old -> new` per config change, as the engine words it."""
-        before = self.parent_config(proposal.parent_id)
-        after = before
-        for key, value in proposal.config_changes.items():
-            try:
-                after = set_dotted(after, key, value)
-            except (KeyError, TypeError):
-                continue  # the engine refuses such a key; the viewer shows the rest
-        return describe_changes(config_changes(before, after))
-
-    def needs_review(self, proposal: Proposal) -> bool:
-        """Whether the run's approval policy makes this proposal wait for a human."""
-        return self.info.approval == "all" or (
-            self.info.approval == "code" and proposal.changes_code)
 
     def engine_running(self) -> bool:
         """Whether an engine process holds this run (judged from its lock file's owner)."""
@@ -339,6 +289,8 @@ class AttachedRun:
         self._best: float | None = None
         self._engine_gone_reported = False
         self._human: dict[int, dict[str, Any]] = {}  # iteration -> the human change it runs
+        self._proposals: dict[tuple[int, int], Proposal] = {}  # awaiting their review row
+        self._review_ids: dict[tuple[int, int], str] = {}
         self._manual: dict[str, ManualEdit] = {}  # the manual edits reported as pending
         self._stale: set[tuple[Any, str]] = set()
 
@@ -360,17 +312,16 @@ class AttachedRun:
         events: list[ev.Event] = []
         if not self._opened:
             self._opened = True
-            missing = tuple(self.reader.journal.state(SANDBOX_KEY, []))
+            missing = RunState(self.reader.journal).sandbox_missing
             events.append(ev.RunOpened(self.info.name, str(self.info.run_dir),
                                        self.info.iterations, sandbox_missing=missing))
         rows = self.reader.new_rows()
-        decided = {(r.iteration, r.attempt) for r in rows if r.step == Step.DECISION}
         finished = {(r.iteration, r.attempt) for r in rows if r.step == Step.RUN_FINISHED}
         last_start = max((r.seq for r in rows if r.step == Step.RUN_STARTED), default=None)
         for row in rows:
             self.reader.fold(row)
             try:
-                events.extend(self._translate(row, decided, finished, last_start))
+                events.extend(self._translate(row, finished, last_start))
             except (KeyError, TypeError, ValueError) as exc:  # a viewer keeps going
                 events.append(ev.EngineError(f"skipped a journal record this viewer cannot "
                                              f"read ({row.step} #{row.seq}: {exc})"))
@@ -388,8 +339,7 @@ class AttachedRun:
                 publish(event)
             stop.wait(interval_s)
 
-    def _translate(self, row: Event, decided: set, finished: set,
-                   last_start: int | None) -> list[ev.Event]:
+    def _translate(self, row: Event, finished: set, last_start: int | None) -> list[ev.Event]:
         payload, iteration = row.payload, row.iteration
         if iteration is None:
             return self._run_event(row)
@@ -399,13 +349,19 @@ class AttachedRun:
                 return [ev.IterationStarted(iteration, int(payload.get("block", 0)),
                                             self.info.iterations)]
             case Step.PROPOSAL_STORED:
-                return self._proposal(iteration, row.attempt, payload, key in decided)
+                self._proposals[key] = Proposal.model_validate(payload["proposal"])
+                if payload.get("human"):
+                    self._human[iteration] = payload["human"]
+                return []
+            case Step.REVIEW:
+                return self._review(Review.from_dict(payload))
             case Step.APPLIED:
                 return self._applied(iteration, payload)
             case Step.DECISION:
                 return [ev.ProposalDecided(iteration, bool(payload.get("approved")),
                                            str(payload.get("reason", "")),
-                                           str(payload.get("by", "policy")))]
+                                           str(payload.get("by", "policy")),
+                                           self._review_ids.get(key, ""))]
             case Step.RUN_STARTED:
                 node = self.reader.node(iteration)
                 started = ev.TrainingStarted(
@@ -413,9 +369,7 @@ class AttachedRun:
                     node.mutation if node else "", int(payload.get("pid", 0)))
                 # History already finished is not tailed, except the latest run's log.
                 if key not in finished or row.seq == last_start:
-                    self._tail = _LogTail(
-                        self.reader.logs.node_dir(iteration, create=False) / "training.log",
-                        iteration)
+                    self._tail = _LogTail(self.reader.paths.training_log(iteration), iteration)
                 return [started]
             case Step.RUN_FINISHED:
                 events: list[ev.Event] = []
@@ -423,7 +377,7 @@ class AttachedRun:
                     events.extend(self._log_events(self._tail.read(self.max_lines, final=True)))
                     self._tail = None
                 result = RunResult.from_dict(payload["result"])
-                status = node_status_of(result)
+                status = status_after_run(result.status)
                 r2 = result.metrics.get("final_r2")
                 if status is NodeStatus.DONE and isinstance(r2, float) and math.isfinite(r2):
                     self._best = r2 if self._best is None else max(self._best, r2)
@@ -434,23 +388,17 @@ class AttachedRun:
                 return [ev.IterationSkipped(iteration, str(payload.get("skipped", "skipped")))]
         return []
 
-    def _proposal(self, iteration: int, attempt: int, payload: dict[str, Any],
-                  already_decided: bool) -> list[ev.Event]:
-        proposal = Proposal.model_validate(payload["proposal"])
-        human = payload.get("human") or {}
-        human_files = human.get("files") if isinstance(human.get("files"), dict) else None
-        diff = ""
-        if not already_decided:  # the diffs of history live in each node's change.diff
-            try:
-                diff = self.reader.proposal_diff(proposal, human_files)
-            except (EditError, VcsError, OSError) as exc:
-                return [ev.ProposalInvalid(iteration, str(exc), attempt + 1)]
-        config_diff = self.reader.config_diff(proposal)
-        if human:
-            self._human[iteration] = human
-        # A human's own change (a revert, an adopted edit) never waits for review.
-        waiting = not human and self.reader.needs_review(proposal)
-        return [ev.ProposalReady(iteration, proposal, diff, config_diff, waiting)]
+    def _review(self, review: Review) -> list[ev.Event]:
+        """The engine's journaled review as the events the engine published with it."""
+        key = (review.iteration, review.attempt)
+        proposal = self._proposals.pop(key, None)
+        self._review_ids[key] = review.proposal_id
+        if review.refused is not None:
+            return [ev.ProposalInvalid(review.iteration, review.refused, review.attempt + 1)]
+        if proposal is None:
+            return []
+        return [ev.ProposalReady(review.iteration, proposal, review.diff, review.config_diff,
+                                 review.awaiting, review.proposal_id)]
 
     def _applied(self, iteration: int, payload: dict[str, Any]) -> list[ev.Event]:
         try:
@@ -461,7 +409,7 @@ class AttachedRun:
         if node.code_changed and node.commit:
             events.append(ev.CodeCommitted(iteration, node.commit))
         human = self._human.pop(iteration, {})
-        if human.get("kind") == "revert":
+        if human.get("kind") == REVERT:
             events.append(ev.NodeReverted(iteration, int(human.get("reverted_id") or 0),
                                           node.commit))
         return events
@@ -480,15 +428,13 @@ class AttachedRun:
                 events.append(ev.ManualEditDetected(path, edit.diff, edit.where))
         gone = [path for path in self._manual if path not in pending]
         if gone:
-            queued = journal.state(HUMAN_QUEUE_KEY, []) or []
-            adopted = {path for item in queued if item.get("kind") == "manual-edit"
-                       for path in item.get("files", {})}
-            adopted |= {path for human in self._human.values()
-                        if human.get("kind") == "manual-edit" for path in human.get("files", {})}
+            queued = RunState(journal).human_queue
+            adopted = {path for item in [*queued, *self._human.values()]
+                       if item.get("kind") == MANUAL_EDIT for path in item.get("files", {})}
             events.extend(ev.ManualEditResolved(path, adopted=path in adopted) for path in gone)
         self._manual = pending
-        stale = journal.state(STALE_KEY) or {}
-        for path in stale.get("paths", []) if isinstance(stale, dict) else []:
+        stale = RunState(journal).stale_proposal or {}
+        for path in stale.get("paths", []):
             key = (stale.get("iteration"), path)
             if key not in self._stale:
                 self._stale.add(key)
@@ -511,13 +457,8 @@ class AttachedRun:
         if not lines or self._tail is None:
             return []
         iteration = self._tail.iteration
-        events: list[ev.Event] = [ev.LogLines(iteration, tuple(lines))]
-        for line in reversed(lines):
-            match = PROGRESS.search(line)
-            if match:
-                events.append(ev.TrainingProgress(iteration, int(match[1]), int(match[2])))
-                break
-        return events
+        progress = latest_progress(iteration, lines)
+        return [ev.LogLines(iteration, tuple(lines)), *([progress] if progress else [])]
 
     def _engine_state(self) -> list[ev.Event]:
         """One EngineError when the engine process is gone before the run ended."""

@@ -43,6 +43,10 @@ class RunLockedError(JournalError):
     """Another engine process is driving this run."""
 
 
+class JournalLost(JournalError):
+    """The journal file the engine writes is no longer the one at its path."""
+
+
 class Step(StrEnum):
     """The steps of one iteration, in the order they happen (some may be skipped)."""
 
@@ -168,6 +172,7 @@ class Journal:
         self.path = path
         self._db = connection
         self._lock_fd = lock_fd
+        self._identity = _file_identity(path)
         # One connection, possibly reached from a UI thread and the engine thread.
         self._mutex = threading.RLock()
 
@@ -219,6 +224,17 @@ class Journal:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
+    def check_in_place(self) -> None:
+        """Raise JournalLost when the file at the journal's path is gone or another file
+        than the one open here: steps written to it now would reach nobody."""
+        if self._lock_fd is None:
+            return  # a client reads whatever is there
+        if _file_identity(self.path) != self._identity:
+            raise JournalLost(
+                f"the journal {self.path} was deleted or replaced while the run was going; "
+                "the engine stopped rather than record steps that nobody could read. Restore "
+                "the file from a backup to resume this run, or start a new run")
+
     def __enter__(self) -> Journal:
         return self
 
@@ -254,6 +270,7 @@ class Journal:
         step = _as_step(step)
         if iteration < 1 or attempt < 0:
             raise JournalError(f"bad iteration/attempt: {iteration}/{attempt}")
+        self.check_in_place()
         key = _step_key(iteration, attempt, step)
         text = _encode(payload)
         with self._write() as db:
@@ -463,6 +480,14 @@ def _crash_if_asked(iteration: int, step: str) -> None:
     target = os.environ.get(CRASH_AFTER_ENV)
     if target and target == f"{iteration}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _read_lock_owner(lock_fd: int) -> str:

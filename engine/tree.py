@@ -33,6 +33,13 @@ class NodeStatus(StrEnum):
 
 
 FINISHED = frozenset({NodeStatus.DONE, NodeStatus.DIVERGED})
+
+
+def status_after_run(run_status: str) -> NodeStatus:
+    """The node status a run ends in: "ok" is done, "diverged" diverged, anything else
+    (a crash, a timeout, a limit) failed."""
+    return {"ok": NodeStatus.DONE, "diverged": NodeStatus.DIVERGED}.get(
+        str(run_status), NodeStatus.FAILED)
 _MARKERS = {
     NodeStatus.PENDING: "[PENDING]",
     NodeStatus.RUNNING: "[RUNNING]",

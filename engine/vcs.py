@@ -232,14 +232,18 @@ def clear_stale_lock(lock: Path, wait_s: float = LOCK_WAIT_S) -> bool:
 
 
 def commit_message(iteration: int, title: str, hypothesis: str,
-                   counts: Iterable[tuple[str, int, int]], run: str, node_id: int) -> str:
-    """The original's commit message, with true per-file counts and proctor's trailers."""
+                   counts: Iterable[tuple[str, int, int]], run: str, node_id: int,
+                   approved_by: str | None = None) -> str:
+    """The original's commit message, with true per-file counts and proctor's trailers
+    (`Proctor-Approved-By: name <email>` when a human approved the change)."""
     lines = [f"[Iter {iteration}] {title}".strip()]
     if hypothesis:
         lines.append(f"Hypothesis: {' '.join(hypothesis.split())}")
     for path, added, removed in counts:
         lines += ["", f"File: {path}", f"Changes: +{added} lines, -{removed} lines"]
     lines += ["", f"Proctor-Run: {run}", f"Proctor-Node: {node_id}"]
+    if approved_by:
+        lines.append(f"Proctor-Approved-By: {' '.join(approved_by.split())}")
     return "\n".join(lines) + "\n"
 
 

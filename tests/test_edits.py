@@ -24,7 +24,8 @@ from engine.edits import (
     write_files,
 )
 from engine.journal import Journal
-from engine.loop import POLICY_KEY, Engine, RunSettings
+from engine.loop import Engine, RunSettings
+from engine.state import POLICY_VIOLATIONS
 from engine.proposal import CodeEdit, Proposal, Strategy
 
 WHITELIST = ["models/siren.py", "models/trainer.py"]
@@ -211,6 +212,6 @@ async def test_invalid_edits_write_nothing_and_policy_violations_are_recorded(tm
     violations = [e for e in seen if isinstance(e, ev.PolicyViolation)]
     assert [e.iteration for e in violations] == [2, 2, 3, 3]
     with Journal.open_for_client(project / "log" / "r1") as journal:
-        recorded = journal.state(POLICY_KEY)
+        recorded = journal.state(POLICY_VIOLATIONS)
     assert [(v["iteration"], v["attempt"]) for v in recorded] == [(2, 0), (2, 1), (3, 0), (3, 1)]
     assert "../x.py" in recorded[0]["error"]

@@ -19,6 +19,7 @@ from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal, RunLockedError, Step
 from engine.loop import Engine, RunSettings
+from engine.review import waiting_review
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -166,32 +167,60 @@ async def test_crashing_code_gets_repairs_then_fails_and_is_never_inherited(proj
     assert engine.tree.get(3).parent_id != 2
 
 
-async def test_code_proposal_waits_for_review_and_reject_reason_reaches_agent(project):
+async def test_decisions_bind_to_the_proposal_they_name_and_nothing_else(project):
+    """A decision for another proposal, or sent while nothing waits, is refused at once and
+    never held: the rejected attempt's id cannot approve the re-proposal the human has not
+    seen; the reject reason reaches the agent; the human's approval is in the commit."""
     agent = ScriptedAgent()
     config = load_config(project / "configs" / "fake.yaml")
     seen: list[ev.Event] = []
+    run_dir = project / "log" / "r1"
+
+    def post(command: ev.Command) -> None:
+        payload = command.to_payload()
+        with Journal.open_for_client(run_dir) as client:
+            client.post_command(payload.pop("kind"), payload)
 
     def publish(event):
         seen.append(event)
+        if isinstance(event, ev.IterationStarted) and event.iteration == 2:
+            post(ev.Approve("3.0-0000000000"))  # nothing waits: refused, not kept for later
         if isinstance(event, ev.ProposalReady) and event.awaiting_review:
-            client = Journal.open_for_client(project / "log" / "r1")
             waiting = [e for e in seen if isinstance(e, ev.ProposalReady) and e.awaiting_review]
             if len(waiting) == 1:
-                client.post_command("Reject", {"reason": "no code changes today"})
+                post(ev.Reject(event.proposal_id, "no code changes today"))
             else:
-                client.post_command("Approve", {})
-            client.close()
+                post(ev.Approve(waiting[0].proposal_id))  # the attempt the human rejected
+                post(ev.Approve(event.proposal_id, by="Ada Lovelace <ada@example.org>"))
 
     engine = Engine.create(project, config, settings(project, iterations=3, approval="code"),
                            agent, publish)
     await engine.run()
     engine.close()
+    ready = [e for e in seen if isinstance(e, ev.ProposalReady) and e.awaiting_review]
+    assert [e.proposal_id.split("-")[0] for e in ready] == ["3.0", "3.1"]
+    assert ready[0].proposal_id != ready[1].proposal_id
+    refusals = [e.message for e in seen if isinstance(e, ev.EngineError)
+                and e.message.startswith("ignored")]
+    assert len(refusals) == 2
+    assert "nothing waits for review" in refusals[0]
+    assert ready[0].proposal_id in refusals[1] and ready[1].proposal_id in refusals[1]
     decided = [e for e in seen if isinstance(e, ev.ProposalDecided) and e.by == "human"]
-    assert [(d.approved, d.reason) for d in decided] == [
-        (False, "no code changes today"), (True, "")]
+    assert [(d.approved, d.reason, d.proposal_id) for d in decided] == [
+        (False, "no code changes today", ready[0].proposal_id), (True, "", ready[1].proposal_id)]
     third = [c for c in agent.contexts if c.iteration == 3]
     assert third[-1].rejections == ("no code changes today",)
-    assert engine.tree.get(3).code_changed
+    node = engine.tree.get(3)
+    assert node.code_changed
+    message = git(project, "log", "-1", "--format=%B", node.commit)
+    assert "Proctor-Approved-By: Ada Lovelace <ada@example.org>" in message
+    reasoning = (run_dir / "reasoning.log").read_text()
+    assert "=== Iteration 3 ===" in reasoning and "=== Iteration 3 (attempt 1) ===" in reasoning
+    with Journal.open_for_client(run_dir) as journal:
+        assert waiting_review(journal) is None
+        reviews = [e.payload for e in journal.events(3) if e.step == Step.REVIEW]
+    assert [r["proposal_id"] for r in reviews] == [e.proposal_id for e in ready]
+    assert reviews[1]["files"] == ["models/siren.py"] and reviews[1]["added"] == 1
 
 
 def drive(root: Path, name: str, iterations: int, *extra: str, env=None):

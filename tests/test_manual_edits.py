@@ -18,7 +18,8 @@ from scripted_agent import ScriptedAgent
 from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal
-from engine.loop import STALE_KEY, Engine, RunSettings
+from engine.loop import Engine, RunSettings
+from engine.state import STALE_PROPOSAL
 from engine.watch import CHECKOUT, PENDING_KEY, WORKSPACE, ManualEdits
 
 DEADLINE_S = 10.0
@@ -136,10 +137,10 @@ async def test_human_edit_while_a_proposal_is_pending_marks_it_stale(project):
         stale = await recorder.wait_for(lambda e: isinstance(e, ev.ProposalStale))
         assert (stale.iteration, stale.path) == (3, "models/siren.py")
         with Journal.open_for_client(project / "log" / "r1") as client:
-            assert client.state(STALE_KEY) == {"iteration": 3, "paths": ["models/siren.py"]}
+            assert client.state(STALE_PROPOSAL) == {"iteration": 3, "paths": ["models/siren.py"]}
             assert client.state(PENDING_KEY)[0]["after"].endswith("BONUS = 0.5\n")
         engine.submit(ev.IgnoreManualEdit("models/siren.py"))
-        engine.submit(ev.Approve(3))
+        engine.submit(ev.Approve(proposal.proposal_id))
         await asyncio.wait_for(task, 30)
     # neither side was overwritten: node 3 ran the agent's code, the checkout keeps the human's
     assert "BONUS = 0.01" in git(project, "show", f"{engine.tree.get(3).commit}:models/siren.py")
@@ -147,19 +148,19 @@ async def test_human_edit_while_a_proposal_is_pending_marks_it_stale(project):
     resolved = recorder.of(ev.ManualEditResolved)
     assert [(r.path, r.adopted) for r in resolved] == [("models/siren.py", False)]
     with Journal.open_for_client(project / "log" / "r1") as client:
-        assert client.state(PENDING_KEY) is None and client.state(STALE_KEY) is None
+        assert client.state(PENDING_KEY) is None and client.state(STALE_PROPOSAL) is None
 
 
 async def test_adopting_a_checkout_edit_makes_a_human_node(project):
     trainer = project / "models" / "trainer.py"
     async with running(project, 3, "code") as (engine, task, recorder):
-        await recorder.wait_for(awaiting(3))
+        proposal = await recorder.wait_for(awaiting(3))
         trainer.write_text(trainer.read_text().replace("return 0.9 -", "return 0.95 -"))
         await recorder.wait_for(
             lambda e: isinstance(e, ev.ManualEditDetected) and "0.95" in e.diff)
         assert not recorder.of(ev.ProposalStale)  # another file than the proposal's
         engine.submit(ev.AdoptManualEdit())
-        engine.submit(ev.Approve())
+        engine.submit(ev.Approve(proposal.proposal_id))
         await asyncio.wait_for(task, 60)
     node4 = engine.tree.get(4)  # a human's node runs even after the last iteration
     assert (node4.author, node4.strategy, node4.code_changed) == ("human", "manual-edit", True)
@@ -179,16 +180,16 @@ async def test_an_edit_of_the_workspace_during_a_run_is_detected_and_adoptable(p
     git(project, "commit", "-q", "-am", "slower training")
     workspace_siren = project / "log" / "r1" / "workspace" / "models" / "siren.py"
     async with running(project, 2, "all") as (engine, task, recorder):
-        await recorder.wait_for(awaiting(1))
-        engine.submit(ev.Approve())
+        first = await recorder.wait_for(awaiting(1))
+        engine.submit(ev.Approve(first.proposal_id))
         # a step printed: the harness has imported the node's code by now
         await recorder.wait_for(lambda e: isinstance(e, ev.TrainingProgress))
         workspace_siren.write_text(workspace_siren.read_text().replace("0.0", "0.07"))
         detected = await recorder.wait_for(lambda e: isinstance(e, ev.ManualEditDetected))
         assert (detected.where, detected.path) == (WORKSPACE, "models/siren.py")
-        await recorder.wait_for(awaiting(2))
+        second = await recorder.wait_for(awaiting(2))
         engine.submit(ev.AdoptManualEdit("models/siren.py"))
-        engine.submit(ev.Approve())
+        engine.submit(ev.Approve(second.proposal_id))
         await asyncio.wait_for(task, 60)
     node3 = engine.tree.get(3)
     assert (node3.parent_id, node3.author) == (1, "human")  # built on the workspace's node
@@ -223,14 +224,14 @@ async def test_an_edited_version_is_validated_then_becomes_the_nodes_code(projec
         parent = proposal.proposal.parent_id
         files = {path: engine.code.files_at_commit(engine.tree.get(parent).commit)[path]
                  for path in ("models/siren.py",)}
-        engine.submit(ev.ApproveEdited({"models/siren.py": "BONUS = (\n"}, 3))
+        engine.submit(ev.ApproveEdited(proposal.proposal_id, {"models/siren.py": "BONUS = (\n"}))
         invalid = await recorder.wait_for(lambda e: isinstance(e, ev.EditedVersionInvalid))
         assert "does not parse" in invalid.error
-        engine.submit(ev.ApproveEdited({"models/harness.py": "x = 1\n"}, 3))
+        engine.submit(ev.ApproveEdited(proposal.proposal_id, {"models/harness.py": "x = 1\n"}))
         await recorder.wait_for(lambda e: isinstance(e, ev.EditedVersionInvalid)
                                 and "not an editable file" in e.error)
         edited = files["models/siren.py"].replace("BONUS = 0.0", "BONUS = 0.04")
-        engine.submit(ev.ApproveEdited({"models/siren.py": edited}, 3))
+        engine.submit(ev.ApproveEdited(proposal.proposal_id, {"models/siren.py": edited}))
         await asyncio.wait_for(task, 60)
     decided = [e for e in recorder.of(ev.ProposalDecided) if e.iteration == 3]
     assert [(d.approved, d.by) for d in decided] == [(True, "human")]
@@ -268,5 +269,5 @@ async def test_proposal_diff_is_on_disk_before_the_decision(project):
         ready = await recorder.wait_for(awaiting(3))
         change = project / "log" / "r1" / "nodes" / "003" / "change.diff"
         assert change.read_text() == ready.diff
-        engine.submit(ev.Reject("not now", 3))
+        engine.submit(ev.Reject(ready.proposal_id, "not now"))
         engine.submit(ev.Stop())
