@@ -1,15 +1,40 @@
 """The headless consumer of engine events: a live status line on a terminal, plain lines
-otherwise (a log file, a pipe, CI)."""
+otherwise (a log file, a pipe, CI). A reader that goes away (`proctor run | head`) ends the
+printing, never the run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import select
 import sys
 import time
 from typing import TextIO
 
 from engine import events as ev
 from engine.logs import strip_control
+
+
+def reader_gone(stream: TextIO) -> bool:
+    """Whether `stream` is a pipe whose reader has closed it (writes fail with EPIPE)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def discard_output(stream: TextIO) -> None:
+    """Point `stream`'s descriptor at /dev/null, so nothing more written to it fails: not
+    the next line, not Python's flush at exit ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def _r2(value: float | None) -> str:
@@ -32,6 +57,7 @@ class HeadlessPrinter:
         self.step = 0
         self.steps = 0
         self._status_shown = False
+        self._closed = False  # the reader went away: print nothing more
 
     def __call__(self, event: ev.Event) -> None:
         text = self._describe(event)
@@ -114,11 +140,9 @@ class HeadlessPrinter:
         return None
 
     def _line(self, text: str) -> None:
-        if self._status_shown:
-            self.stream.write("\r\x1b[2K")
-            self._status_shown = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        prefix = "\r\x1b[2K" if self._status_shown else ""
+        self._status_shown = False
+        self._write(prefix + text + "\n")
 
     def _status(self) -> None:
         elapsed = time.monotonic() - self.started
@@ -126,9 +150,23 @@ class HeadlessPrinter:
         if self.steps:
             done = int(20 * self.step / self.steps)
             bar = f" [{'#' * done}{'.' * (20 - done)}] {self.step}/{self.steps}"
-        self.stream.write(
+        self._write(
             f"\r\x1b[2Kiteration {self.iteration}/{self.total}{bar}  best R2 {_r2(self.best)}"
             f"  elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s"
         )
-        self.stream.flush()
-        self._status_shown = True
+        self._status_shown = not self._closed
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a closed reader (EPIPE) ends the printing, and a line that cannot
+        be written (a full disk under engine.out) is dropped: never the engine (the journal
+        holds what the lines say)."""
+        if self._closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed = True
+            discard_output(self.stream)
+        except OSError:
+            pass

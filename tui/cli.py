@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from tui.usage import EXIT_BAD_INPUT, UsageError
 
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed as one line, exit code 2."""
+EXIT_READER_GONE = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
+RUN_HELP = "run name (a folder of log/)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -57,41 +56,45 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
     run.add_argument("--log", action="store_true", help="echo the training logs")
 
-    attach = commands.add_parser(
-        "attach", help="open the TUI on a run that runs in the background",
-        description="Watch and review a run started with --detach (or by another terminal). "
-        "Decisions go to the run's journal; quitting leaves the run going. Any number of "
-        "viewers may attach at once.")
-    attach.add_argument("run", help="run name (a folder of log/)")
-
-    resume = commands.add_parser("resume", help="continue a run after a stop or a crash")
-    resume.add_argument("run", help="run name (a folder of log/)")
+    _on_run(commands, "attach", "open the TUI on a run that runs in the background",
+            description="Watch and review a run started with --detach (or by another "
+            "terminal). Decisions go to the run's journal; quitting leaves the run going. Any "
+            "number of viewers may attach at once.")
+    resume = _on_run(
+        commands, "resume", "continue a run after a stop or a crash; lift a live run's pause",
+        description="Continue a stopped or crashed run in this terminal. When an engine "
+        "still drives the run, ask it to resume from a pause (one the journal shows, or one "
+        "only the engine knows of, such as a full disk).")
     resume.add_argument("--iterations", type=_positive_int, help="raise the iteration count")
     resume.add_argument("--log", action="store_true", help="echo the training logs")
-
-    status = commands.add_parser("status", help="print a run's node table")
-    status.add_argument("run", help="run name (a folder of log/)")
-    status.add_argument("--json", action="store_true", help="machine-readable rows")
-
-    approve = commands.add_parser("approve", help="approve the proposal a run is waiting on")
-    approve.add_argument("run", help="run name (a folder of log/)")
-    reject = commands.add_parser("reject", help="reject the proposal a run is waiting on")
-    reject.add_argument("run", help="run name (a folder of log/)")
+    status = _on_run(commands, "status",
+                     "print what a run is doing (engine, pause, waiting review) and its nodes")
+    status.add_argument("--json", action="store_true", help="machine-readable fields")
+    proposal_help = "the proposal id `proctor status` shows (refused if another one waits)"
+    approve = _on_run(commands, "approve", "approve the proposal a run is waiting on")
+    approve.add_argument("--proposal", help=proposal_help)
+    reject = _on_run(commands, "reject", "reject the proposal a run is waiting on")
     reject.add_argument("--reason", required=True, help="why (the agent reads it)")
-    stop = commands.add_parser("stop", help="stop a run cleanly (it can be resumed)")
-    stop.add_argument("run", help="run name (a folder of log/)")
-    revert = commands.add_parser(
-        "revert", help="add a node that undoes NODE's change",
+    reject.add_argument("--proposal", help=proposal_help)
+    _on_run(commands, "stop", "stop a run cleanly (it can be resumed)")
+    revert = _on_run(
+        commands, "revert", "add a node that undoes NODE's change",
         description="Add a node whose code and config are NODE's parent's, as a child of "
         "NODE (a new commit; history is never rewritten). A live run applies it at its next "
         "iteration; a stopped run when it is resumed.")
-    revert.add_argument("run", help="run name (a folder of log/)")
     revert.add_argument("node", type=_positive_int, help="the node to revert")
     commands.add_parser(
         "doctor", help="check the sandbox that every run gets on this machine",
         description="Run one real sandboxed child, as runs are made for this user, and print "
         "each layer of the sandbox: active, or missing and why. Exit code 1 when a layer is "
         "missing.")
+    return parser
+
+
+def _on_run(commands, name: str, help: str, **details) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is a run."""
+    parser = commands.add_parser(name, help=help, **details)
+    parser.add_argument("run", help=RUN_HELP)
     return parser
 
 
@@ -127,59 +130,61 @@ def _doctor() -> int:
     return 0
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        return _doctor()
+    from tui import commands
+
+    if args.command == "train":
+        return commands.train(args.config, runner=args.runner, device=args.device,
+                              quiet=args.quiet)
+    if args.command == "run":
+        return commands.run(args.config, iterations=args.iterations, agent=args.agent,
+                            approve=args.approve, name=args.name, runner=args.runner,
+                            echo_log=args.log, headless=args.headless, detach=args.detach)
+    if args.command in ("approve", "reject"):
+        from tui.decisions import decide
+
+        return decide(commands.find_run(args.run), approve=args.command == "approve",
+                      reason=getattr(args, "reason", ""), proposal=args.proposal)
+    handlers = {
+        "attach": lambda: commands.attach(args.run),
+        "resume": lambda: commands.resume(args.run, iterations=args.iterations,
+                                          echo_log=args.log),
+        "status": lambda: commands.status(args.run, as_json=args.json),
+        "revert": lambda: commands.revert(args.run, args.node),
+        "stop": lambda: commands.stop(args.run),
+    }
+    return handlers[args.command]()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `proctor` console script."""
-    args = _build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            from tui.commands import train
-
-            return train(args.config, runner=args.runner, device=args.device, quiet=args.quiet)
-        if args.command == "run":
-            from tui.commands import run
-
-            return run(args.config, iterations=args.iterations, agent=args.agent,
-                       approve=args.approve, name=args.name, runner=args.runner,
-                       echo_log=args.log, headless=args.headless, detach=args.detach)
-        if args.command == "attach":
-            from tui.commands import attach
-
-            return attach(args.run)
-        if args.command == "resume":
-            from tui.commands import resume
-
-            return resume(args.run, iterations=args.iterations, echo_log=args.log)
-        if args.command == "status":
-            from tui.commands import status
-
-            return status(args.run, as_json=args.json)
-        if args.command == "revert":
-            from tui.commands import revert
-
-            return revert(args.run, args.node)
-        if args.command == "doctor":
-            return _doctor()
-        if args.command in ("approve", "reject", "stop"):
-            from engine import events
-            from tui.commands import post
-
-            command = {
-                "approve": lambda: events.Approve(),
-                "reject": lambda: events.Reject(reason=args.reason),
-                "stop": lambda: events.Stop(),
-            }[args.command]()
-            return post(args.run, command)
+        try:
+            args = _build_parser().parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help into a closed pipe ends quietly too
+            raise
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return code
     except UsageError as exc:
-        print(f"proctor: {exc}", file=sys.stderr)
+        from engine.logs import strip_control
+
+        print(f"proctor: {strip_control(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("proctor: interrupted", file=sys.stderr)
         return 130
-    raise AssertionError(f"unhandled command {args.command}")
+    except BrokenPipeError:
+        from engine.headless import discard_output, reader_gone
+
+        if not reader_gone(sys.stdout):
+            raise  # some other pipe broke: that is a real error
+        discard_output(sys.stdout)  # `proctor ... | head`: end quietly
+        return EXIT_READER_GONE
 
 
 if __name__ == "__main__":
-    # Run the imported module's main so UsageError is the same class the commands raise.
-    from tui.cli import main as module_main
-
-    sys.exit(module_main())
+    sys.exit(main())

@@ -8,8 +8,11 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import TextIO
 
 from engine.config import (
     ConfigError,
@@ -18,10 +21,18 @@ from engine.config import (
     find_project_root,
     load_config,
 )
-from tui.cli import UsageError
+from engine.logs import strip_control
+from engine.paths import RunPaths, data_cache, log_root, run_dir_of, train_dir
+from tui.usage import UsageError
 
 METRIC_ORDER = ("final_r2", "heldout_r2", "pearson_r2", "slope", "final_mse", "training_time_s",
                 "steps_per_s", "total_params")
+
+
+def say(text: str, file: TextIO | None = None) -> None:
+    """Print a line for the user; text that agents, children or humans wrote is part of
+    most lines, so no terminal escape passes."""
+    print(strip_control(text), file=file or sys.stdout)
 
 
 def _load(config_path: Path) -> tuple[ExperimentConfig, Path]:
@@ -49,18 +60,17 @@ def _format_metric(name: str, value: object) -> str:
 def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) -> int:
     """Run the config once through the four sandboxed steps and print the scorer's metrics."""
     from engine.evaluation import EvaluationPlan, evaluate
-    from engine.logs import strip_control
     from engine.runner import RunStatus, make_runner
 
     config, root = _load(config_path)
-    out_dir = root / "log" / "train" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir = train_dir(root, time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "training.log"
     exploration = config.exploration
     key_file = exploration.anthropic.key_file
     plan = EvaluationPlan(
         harness=exploration.harness,
-        data_cache=root / "log" / "cache" / "data",
+        data_cache=data_cache(root),
         timeouts=exploration.timeouts,
         limits=exploration.limits,
         hide=(Path(key_file).expanduser(),) if key_file else (),
@@ -75,7 +85,7 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
     def echo(lines: list[str]) -> None:
         if not quiet:
             for line in lines:
-                print(strip_control(line))  # the run's output is data, never terminal codes
+                say(line)  # the run's output is data, never terminal codes
             sys.stdout.flush()
 
     async def go():
@@ -88,23 +98,23 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
             await instance.aclose()
 
     result = asyncio.run(go())
-    print(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {log_path})")
+    say(f"\nstatus: {result.status.value}  (wall {result.wall_s:.1f} s; log {log_path})")
     if result.error:
-        print(f"error: {strip_control(result.error)}")
+        say(f"error: {result.error}")
     for name in METRIC_ORDER:
         if name in result.metrics:
-            print(f"  {name:<16} {_format_metric(name, result.metrics[name])}")
-    if result.warnings:
-        for warning in result.warnings:
-            print(f"warning: {strip_control(warning)}")
+            say(f"  {name:<16} {_format_metric(name, result.metrics[name])}")
+    for warning in result.warnings:
+        say(f"warning: {warning}")
     return 0 if result.status is RunStatus.OK else 1
 
 
-def _run_dir(root: Path, run: str) -> Path:
-    run_dir = Path(run) if os.sep in run else root / "log" / run
-    if not (run_dir / "journal.sqlite").exists():
-        raise UsageError(f"no run '{run}' in {run_dir.parent} (see `ls {run_dir.parent}`)")
-    return run_dir
+def find_run(run: str) -> Path:
+    """The folder of run `run` (a name under ./log/, or a path); UsageError when it is none."""
+    folder = Path(run) if os.sep in run else run_dir_of(Path.cwd(), run)
+    if not RunPaths(folder).journal.exists():
+        raise UsageError(f"no run '{run}' in {folder.parent} (see `ls {folder.parent}`)")
+    return folder
 
 
 def _agent_factory(name_override: str | None):
@@ -122,7 +132,7 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
     """Start a new exploration run: in the TUI (`headless` off, on a terminal), headless, or
     `detach`ed in a background process."""
     from engine.agents import default_agent_name
-    from engine.loop import Engine, EngineError, RunSettings
+    from engine.loop import RunSettings
 
     config, root = _load(config_path)
     exploration = config.exploration
@@ -136,18 +146,26 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
     )
     if detach:
         return _detach(root, config_path, settings, echo_log)
-    from engine.headless import HeadlessPrinter
-    from engine.journal import JournalError
-
     if not headless and _interactive():
         return _run_in_tui(root, config, settings)
-    printer = HeadlessPrinter(echo_log=echo_log)
+    from engine.headless import HeadlessPrinter
+
+    return _drive(_create_engine(root, config, settings, HeadlessPrinter(echo_log=echo_log)))
+
+
+def _create_engine(root: Path, config: ExperimentConfig, settings, publish):
+    """A new run's engine; whatever stops its creation (a taken name, a folder that is not
+    writable, a full disk) is one UsageError."""
+    from engine.journal import JournalError
+    from engine.loop import Engine, EngineError
+
     try:
-        engine = Engine.create(root, config, settings, _agent_factory(None)(config, settings),
-                               printer)
-    except (EngineError, JournalError, FileNotFoundError, ValueError) as exc:
+        agent = _agent_factory(None)(config, settings)
+        return Engine.create(root, config, settings, agent, publish)
+    except (EngineError, JournalError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    return _drive(engine)
+    except OSError as exc:  # the engine words its own; this is what reached us unworded
+        raise UsageError(f"cannot create run '{settings.name}': {exc}") from None
 
 
 def _interactive() -> bool:
@@ -156,24 +174,21 @@ def _interactive() -> bool:
 
 def _run_in_tui(root: Path, config: ExperimentConfig, settings) -> int:
     """The app with the engine inside it; the engine is built after the first paint."""
-    from engine.journal import JournalError
-    from engine.loop import Engine, EngineError
     from tui.app import live_app
     from tui.source import SourceError
 
     def open_engine(publish):
         try:
-            agent = _agent_factory(None)(config, settings)
-            return Engine.create(root, config, settings, agent, publish)
-        except (EngineError, JournalError, FileNotFoundError, ValueError) as exc:
+            return _create_engine(root, config, settings, publish)
+        except UsageError as exc:
             raise SourceError(str(exc)) from None
 
     app = live_app(open_engine)
     app.run()
     if app.failure:
         raise UsageError(app.failure)
-    print(f"run {settings.name}: {app.state.phase}. `proctor resume {settings.name}` continues "
-          f"it; `proctor status {settings.name}` shows its nodes.")
+    say(f"run {settings.name}: {app.state.phase}. `proctor resume {settings.name}` continues "
+        f"it; `proctor status {settings.name}` shows its nodes.")
     return app.return_code or 0
 
 
@@ -182,61 +197,95 @@ DETACH_START_S = 60.0  # how long `run --detach` waits for the engine to record 
 
 def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
     """Start the engine as a process of its own session (it outlives the terminal and the SSH
-    connection), its output in log/<run>/engine.out; return once the run is recorded."""
+    connection), its output in log/<run>/engine.out; return once the run is recorded.
+
+    Only the engine makes the run folder: its output goes to a file in log/ until the run is
+    recorded, then moves into the run folder. An engine that fails to start leaves nothing."""
     import subprocess
 
-    from engine.journal import Journal, JournalError, RunEvent
-    from engine.loop import RUN_NAME
-
-    if not RUN_NAME.match(settings.name):
-        raise UsageError(f"run name '{settings.name}' must be letters, digits, '_', '.', '-'")
-    run_dir = root / "log" / settings.name
-    if (run_dir / "journal.sqlite").exists():
-        raise UsageError(f"run '{settings.name}' already exists in {run_dir}: use "
+    paths = RunPaths(run_dir_of(root, settings.name))
+    if paths.journal.exists():
+        raise UsageError(f"run '{settings.name}' already exists in {paths.run_dir}: use "
                          f"`proctor resume {settings.name}` or pick another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    made_log = not log_root(root).exists()
+    made_run = not paths.run_dir.exists()
+    try:
+        log_root(root).mkdir(parents=True, exist_ok=True)
+        fd, starting = tempfile.mkstemp(prefix=f".{settings.name[:40]}.", suffix=".out",
+                                        dir=log_root(root))
+    except OSError as exc:
+        raise UsageError(f"cannot create run '{settings.name}': {exc}") from None
     argv = [sys.executable, "-m", "tui.cli", "run", str(config_path.resolve()), "--headless",
             "--name", settings.name, "--iterations", str(settings.iterations),
             "--approve", settings.approval, "--agent", settings.agent,
             "--runner", settings.runner, *(["--log"] if echo_log else [])]
-    out_path = run_dir / "engine.out"
-    with open(out_path, "ab") as out:
+    with open(fd, "rb+") as out:
         process = subprocess.Popen(argv, cwd=Path.cwd(), stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _await_record(paths, process, out, starting)
+        except BaseException:
+            if process.poll() is not None:  # it is gone: nothing of its start stays behind
+                os.unlink(starting)
+                if made_run and paths.run_dir.exists() and not _recorded(paths):
+                    shutil.rmtree(paths.run_dir, ignore_errors=True)
+                if made_log and not any(log_root(root).iterdir()):
+                    log_root(root).rmdir()
+            raise
+    output = Path(starting)
+    try:
+        os.replace(starting, paths.engine_out)
+        output = paths.engine_out
+    except OSError as exc:
+        say(f"warning: the engine's output stays in {starting} ({exc})", file=sys.stderr)
+    say(f"run {settings.name} started in the background (pid {process.pid}); "
+        f"its output goes to {output}")
+    say(f"  watch and review:  proctor attach {settings.name}")
+    say(f"  approve/reject:    proctor approve {settings.name}  |  "
+        f"proctor reject {settings.name} --reason TEXT")
+    say(f"  stop it:           proctor stop {settings.name}")
+    return 0
+
+
+def _recorded(paths: RunPaths) -> bool:
+    """Whether the run's creation record is in its journal (the run exists for viewers)."""
+    from engine.journal import Journal, JournalError, RunEvent
+
+    if not paths.journal.exists():
+        return False
+    try:
+        with Journal.open_for_client(paths.run_dir) as journal:
+            return bool(journal.run_events(RunEvent.RUN_CREATED))
+    except JournalError:
+        return False  # created a moment ago: its schema is not there yet
+
+
+def _await_record(paths: RunPaths, process, out, out_path: str) -> None:
+    """Wait (bounded) until the detached engine has recorded the run; UsageError when it
+    ended first (its own words when it refused with a usage error) or took too long."""
     deadline = time.monotonic() + DETACH_START_S
-    while time.monotonic() < deadline:
+    while not _recorded(paths):
         if process.poll() is not None:
-            tail = out_path.read_text(errors="replace").strip().splitlines()[-15:]
+            out.seek(0)
+            tail = out.read().decode(errors="replace").strip().splitlines()[-15:]
+            if process.returncode == 2 and len(tail) == 1:  # the engine's one-line refusal
+                raise UsageError(tail[0].removeprefix("proctor: "))
             raise UsageError(f"the engine stopped at once (exit code {process.returncode}):\n"
                              + "\n".join(tail))
-        if (run_dir / "journal.sqlite").exists():
-            try:
-                with Journal.open_for_client(run_dir) as journal:
-                    if journal.run_events(RunEvent.RUN_CREATED):
-                        break
-            except JournalError:
-                pass  # created a moment ago: its schema is not there yet
+        if time.monotonic() > deadline:
+            raise UsageError(f"the engine (pid {process.pid}) did not record the run within "
+                             f"{DETACH_START_S:.0f} s; its output goes to {out_path}")
         time.sleep(0.1)
-    else:
-        raise UsageError(f"the engine (pid {process.pid}) did not record the run within "
-                         f"{DETACH_START_S:.0f} s; see {out_path}")
-    print(f"run {settings.name} started in the background (pid {process.pid}); "
-          f"its output goes to {out_path}")
-    print(f"  watch and review:  proctor attach {settings.name}")
-    print(f"  approve/reject:    proctor approve {settings.name}  |  "
-          f"proctor reject {settings.name} --reason TEXT")
-    print(f"  stop it:           proctor stop {settings.name}")
-    return 0
 
 
 def attach(run: str) -> int:
     """Open the TUI on a run another process drives; quitting leaves the run going."""
-    run_dir = _run_dir(Path.cwd(), run)
+    folder = find_run(run)
     if not _interactive():
         raise UsageError("attach needs a terminal; `proctor status` prints a run's nodes")
     from tui.app import attached_app
 
-    app = attached_app(run_dir)
+    app = attached_app(folder)
     app.run()
     if app.failure:
         raise UsageError(app.failure)
@@ -244,26 +293,43 @@ def attach(run: str) -> int:
 
 
 def resume(run: str, *, iterations: int | None, echo_log: bool) -> int:
+    """Continue a stopped or crashed run here; a run an engine drives is asked to resume."""
     from engine.headless import HeadlessPrinter
-    from engine.journal import Journal, JournalError, RunLockedError
+    from engine.journal import JournalError, RunLockedError
     from engine.loop import Engine, EngineError
+    from engine.state import RunState
 
-    run_dir = _run_dir(Path.cwd(), run)
+    folder = find_run(run)
     try:
-        engine = Engine.reopen(run_dir, _agent_factory(None), HeadlessPrinter(echo_log=echo_log),
+        engine = Engine.reopen(folder, _agent_factory(None), HeadlessPrinter(echo_log=echo_log),
                                iterations=iterations)
-    except RunLockedError as exc:
-        # The engine is alive: a paused run is resumed in place, anything else is refused.
-        with Journal.open_for_client(run_dir) as journal:
-            if journal.state("paused") is None:
-                raise UsageError(str(exc)) from None
-            journal.post_command("ResumeRun", {})
-        print(f"asked the running engine of {run_dir.name} to resume")
-        return 0
+    except RunLockedError:
+        return _resume_live(folder, iterations)
     except (EngineError, JournalError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    engine.journal.set_state("paused", None)
+    RunState(engine.journal).paused = None
     return _drive(engine)
+
+
+def _resume_live(folder: Path, iterations: int | None) -> int:
+    """Post ResumeRun to the engine that holds the run, whatever the journal says: a pause
+    for a full disk is held in the engine's memory only (the journal could not take it)."""
+    from engine import events
+    from engine.state import RunState
+
+    with open_run(folder) as attached:
+        paused = RunState(attached.reader.journal).paused
+        attached.send(events.ResumeRun())
+    if paused is not None:
+        say(f"asked the engine driving run {folder.name} to resume (paused: {paused})")
+    else:
+        say(f"asked the engine driving run {folder.name} to resume: its journal shows no "
+            "pause, so it resumes if it holds one the journal could not record (a full disk), "
+            "and otherwise nothing changes")
+    if iterations is not None:
+        say(f"--iterations applies when no engine drives the run: `proctor stop {folder.name}`"
+            f", then `proctor resume {folder.name} --iterations {iterations}`")
+    return 0
 
 
 def _drive(engine) -> int:
@@ -274,43 +340,48 @@ def _drive(engine) -> int:
     return 0
 
 
-def status(run: str, *, as_json: bool) -> int:
-    from engine.journal import Journal, JournalError, RunEvent, Step
-    from engine.tree import Node, Tree
+def open_run(folder: Path):
+    """The run as a viewer sees it (commands go to its journal), closed after use."""
+    from engine.attach import AttachedRun
+    from engine.journal import JournalError
 
-    run_dir = _run_dir(Path.cwd(), run)
     try:
-        journal = Journal.open_for_client(run_dir)
+        return closing(AttachedRun(folder))
     except JournalError as exc:
         raise UsageError(str(exc)) from None
-    with journal:
-        created = journal.run_events(RunEvent.RUN_CREATED)
-        config = ExperimentConfig.model_validate(created[0].payload["config"])
-        tree = Tree(block_size=config.exploration.block_size, score=config.exploration.score,
-                    c=config.exploration.ucb_c)
-        for iteration in journal.completed_iterations():
-            record = journal.payload(iteration, Step.RECORDED)
-            if record and record.get("node"):
-                tree.add(Node.from_dict(record["node"]))
-        unfinished = journal.unfinished_iteration()
-        paused = journal.state("paused")
-    rows = tree.rows(block_only=False)
+
+
+def status(run: str, *, as_json: bool) -> int:
+    """What the run is doing (its engine, a pause, a waiting review) and its node table."""
+    from tui.activity import read_activity
+
+    with open_run(find_run(run)) as attached:
+        reader = attached.reader
+        reader.refresh()
+        activity = read_activity(reader)
+        rows = reader.tree.rows(block_only=False)
+        best = reader.tree.best_node()
     if as_json:
-        print(json.dumps([row.__dict__ for row in rows], default=str))
+        print(json.dumps({**activity.to_dict(), "best": best.id if best else None,
+                          "nodes": [row.__dict__ for row in rows]}, default=str))
         return 0
-    print(f"run {run_dir.name}: {len(tree)} nodes" + (
-        f", iteration {unfinished} in progress" if unfinished else "") + (
-        f", PAUSED: {paused}" if paused else ""))
-    print(f"{'node':>5} {'parent':>6} {'R2':>8} {'score':>7} {'visits':>6}  status    mutation")
+    say(f"run {activity.name}: {len(rows)} nodes; {activity.progress()}")
+    if activity.paused is not None:
+        say(f"  PAUSED: {activity.paused}  (continue it: proctor resume {activity.name})")
+    if activity.review is not None:
+        approve, reject = activity.decide_commands()
+        say(f"  waiting for review: {activity.review.summary()}")
+        say(f"    {approve}")
+        say(f"    {reject}")
+    say(f"{'node':>5} {'parent':>6} {'R2':>8} {'score':>7} {'visits':>6}  status    mutation")
     for row in sorted(rows, key=lambda r: r.node_id):
         parent = "root" if row.parent_id is None else str(row.parent_id)
         r2 = "nan" if not math.isfinite(row.r2) else f"{row.r2:.4f}"
         code = "[CODE] " if row.code_changed else ""
-        print(f"{row.node_id:>5} {parent:>6} {r2:>8} {row.score:>7.3f} {row.visits:>6}  "
-              f"{row.status:<9} {code}{row.mutation}")
-    best = tree.best_node()
+        say(f"{row.node_id:>5} {parent:>6} {r2:>8} {row.score:>7.3f} {row.visits:>6}  "
+            f"{row.status:<9} {code}{row.mutation}")
     if best is not None:
-        print(f"best: node {best.id}, R2 {best.r2:.4f}")
+        say(f"best: node {best.id}, R2 {best.r2:.4f}")
     return 0
 
 
@@ -318,37 +389,30 @@ def revert(run: str, node_id: int) -> int:
     """Post a Revert of a finished node; the engine adds the revert node at its next
     iteration (a stopped run: when it is resumed)."""
     from engine import events
-    from engine.journal import Journal, JournalError, Step
+    from engine.journal import Step
 
-    run_dir = _run_dir(Path.cwd(), run)
-    try:
-        with Journal.open_for_client(run_dir) as journal:
-            record = journal.payload(node_id, Step.RECORDED)
-    except JournalError as exc:
-        raise UsageError(str(exc)) from None
-    node = (record or {}).get("node")
-    if not node:
-        raise UsageError(f"run {run_dir.name} has no finished node {node_id} "
-                         f"(see `proctor status {run}`)")
-    if node.get("status") not in ("done", "diverged"):
-        raise UsageError(f"node {node_id} is {node.get('status')}: only finished nodes can be "
-                         "reverted")
-    post(run, events.Revert(node_id))
-    print(f"node {node_id} will be reverted at the run's next iteration "
-          f"(if the run is stopped: proctor resume {run_dir.name})")
+    folder = find_run(run)
+    with open_run(folder) as attached:
+        record = attached.reader.journal.payload(node_id, Step.RECORDED)
+        node = (record or {}).get("node")
+        if not node:
+            raise UsageError(f"run {folder.name} has no finished node {node_id} "
+                             f"(see `proctor status {run}`)")
+        if node.get("status") not in ("done", "diverged"):
+            raise UsageError(f"node {node_id} is {node.get('status')}: only finished nodes can "
+                             "be reverted")
+        attached.send(events.Revert(node_id))
+    say(f"node {node_id} will be reverted at the run's next iteration "
+        f"(if the run is stopped: proctor resume {folder.name})")
     return 0
 
 
-def post(run: str, command) -> int:
-    from engine.journal import Journal, JournalError
+def stop(run: str) -> int:
+    """Ask the engine of the run to stop cleanly (a stopped run can be resumed)."""
+    from engine import events
 
-    run_dir = _run_dir(Path.cwd(), run)
-    try:
-        with Journal.open_for_client(run_dir) as journal:
-            payload = command.to_payload()
-            kind = payload.pop("kind")
-            journal.post_command(kind, payload)
-    except JournalError as exc:
-        raise UsageError(str(exc)) from None
-    print(f"sent {type(command).__name__.lower()} to run {run_dir.name}")
+    folder = find_run(run)
+    with open_run(folder) as attached:
+        attached.send(events.Stop())
+    say(f"sent stop to run {folder.name}")
     return 0
