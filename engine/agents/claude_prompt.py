@@ -18,14 +18,12 @@ from pydantic import ValidationError
 from engine.agents.base import AgentContext, NodeSummary
 from engine.apikey import redact
 from engine.config import ExperimentConfig
-from engine.logs import format_number, log_tail, numbered, strip_control
+from engine.logs import format_number, log_tail, strip_control
+from engine.paths import ANALYSIS_FILE, MEMORY_FILE, TRAINING_LOG, RunPaths
 from engine.proposal import Proposal, Strategy
 
 READ_TOOL = "read_file"
 SUBMIT_TOOL = "submit_iteration"
-ANALYSIS_FILE = "analysis.md"
-MEMORY_FILE = "memory.md"
-TRAINING_LOG = "training.log"
 # Keys a proposal may set outside the search space (the protocol's Step 5.1 exceptions).
 EXCEPTION_KEYS = ("dataset.field", "dataset.n_frames", "training.seed")
 # Strategies proctor records for human actions; the agent never proposes them.
@@ -303,7 +301,7 @@ def read_file(
         if run_dir is None:
             return "analysis.md is not available here", True
         try:
-            text = (run_dir / ANALYSIS_FILE).read_text(encoding="utf-8", errors="replace")
+            text = RunPaths(run_dir).analysis.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return "(analysis.md is empty)", False
         if len(text) > ANALYSIS_TAIL_CHARS:
@@ -315,7 +313,7 @@ def read_file(
             return "training.log needs the node_id whose log to read", True
         if run_dir is None:
             return "training logs are not available here", True
-        tail = log_tail(run_dir / "nodes" / numbered(node_id) / TRAINING_LOG)
+        tail = log_tail(RunPaths(run_dir).training_log(node_id))
         return untrusted("training_log", redact(tail, secret) or "(empty log)"), False
     return f"cannot read {path!r}: not one of the readable files", True
 
