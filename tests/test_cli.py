@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.journal import Journal, RunEvent
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -67,6 +69,25 @@ def test_unknown_run_and_bad_numbers_are_usage_errors(project):
     zero = proctor("run", str(project / "configs" / "fake.yaml"), "--iterations", "0",
                    cwd=project)
     assert zero.returncode == 2 and "must be at least 1" in zero.stderr
+
+
+def test_a_headless_run_into_a_pipe_its_reader_closed_runs_to_the_end(project, tmp_path):
+    # `proctor run ... --headless | head -1`: the printing ends, the run does not
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "tui.cli", "run", str(project / "configs" / "fake.yaml"),
+             "--headless", "--iterations", "3", "--name", "p1", "--agent", "heuristic"],
+            cwd=project, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        assert run.stdout.readline().startswith(b"run p1: 3 iterations")
+        run.stdout.close()  # as `head -1` does once it has its line
+        assert run.wait(timeout=120) == 0
+    assert errors.read_text() == ""
+    with Journal.open_for_client(project / "log" / "p1") as journal:
+        assert journal.completed_iterations() == [1, 2, 3]
+        assert journal.run_events(RunEvent.STOPPED)[-1].payload["reason"] == \
+            "completed 3 iterations"
 
 
 def test_start_up_does_not_import_torch_or_anthropic():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import Journal, RunEvent, Step
-from engine.review import Review, proposal_id
+from engine.journal import Journal, JournalError, RunEvent, Step
+from engine.review import Review, proposal_id, waiting_review
 from engine.state import RunState
 
 HERE = Path(__file__).resolve().parent
@@ -314,3 +314,47 @@ def test_status_into_a_closed_pipe_ends_quietly(project):
             os.close(write_end)
         assert done.stderr == "", done.stderr
         assert done.returncode == 141
+
+
+def has_run_record(run_dir: Path) -> bool:
+    try:
+        with journal_of(run_dir) as journal:
+            return bool(journal.run_events(RunEvent.RUN_CREATED))
+    except JournalError:
+        return False  # not there, or its schema not written yet
+
+
+def test_a_real_engine_takes_the_decision_for_the_proposal_that_waits_and_no_other(project):
+    run_dir = project / "log" / "r1"
+    engine = subprocess.Popen(
+        [sys.executable, str(HERE / "loop_driver.py"), str(project), "r1", "4", "code"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: has_run_record(run_dir), "the run to be created")
+        # a decision for a proposal that does not wait (a stale viewer's) is never held
+        with journal_of(run_dir) as journal:
+            stale = journal.post_command("Approve", {"proposal_id": "3.0-0000000000", "by": ""})
+            wait_for(lambda: waiting_review(journal) is not None
+                     and journal.command_consumed(stale), "iteration 3's review")
+            waiting = waiting_review(journal)
+            assert waiting.iteration == 3 and waiting.awaiting
+            assert journal.payload(3, Step.DECISION, waiting.attempt) is None
+        refused = proctor("approve", "r1", "--proposal", "3.0-0000000000", cwd=project)
+        assert refused.returncode == 2
+        assert f"what waits now is {waiting.summary()}" in refused.stderr
+        status = proctor("status", "r1", cwd=project).stdout.splitlines()
+        assert status[0] == "run r1: 2 nodes; driven by an engine; iteration 3 waits for review"
+        assert status[1] == f"  waiting for review: {waiting.summary()}"
+        approved = proctor("approve", "r1", cwd=project)
+        assert approved.returncode == 0, approved.stderr
+        assert approved.stdout.splitlines()[-1].startswith(
+            "run r1: the engine recorded it: approved by ")
+        assert engine.wait(timeout=120) == 0
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+    with journal_of(run_dir) as journal:
+        assert journal.completed_iterations() == [1, 2, 3, 4]
+        assert journal.payload(3, Step.DECISION, waiting.attempt)["approved"] is True
+    assert "stopped (completed 4 iterations)" in proctor("status", "r1", cwd=project).stdout

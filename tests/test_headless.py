@@ -1,6 +1,7 @@
 """The headless printer: every event a human must act on becomes a readable line."""
 
 import io
+import os
 
 from engine import events as ev
 from engine.headless import HeadlessPrinter
@@ -61,3 +62,16 @@ def test_terminal_codes_from_a_run_are_printed_as_plain_text():
     printer(ev.NodeFinished(1, 1, "failed", {}, "exit code 1: \x1b[2Jboom", None))
     assert "\x1b" not in stream.getvalue() and "\x07" not in stream.getvalue()
     assert "final_r2 0.99" in stream.getvalue() and "boom" in stream.getvalue()
+
+
+def test_a_reader_that_goes_away_ends_the_printing_not_the_engine():
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    printer = HeadlessPrinter(stream, live=True)
+    printer(ev.RunOpened("r7", "/tmp/r7", 10))
+    os.close(read_end)  # `| head -1` has its line
+    for iteration in (1, 2):  # neither the line nor the live status line may raise
+        printer(ev.IterationStarted(iteration, 1, 10))
+        printer(ev.NodeFinished(iteration, iteration, "done", {"final_r2": 0.5}, None, 0.5))
+    stream.write("still writable: the descriptor now points at /dev/null\n")
+    stream.close()

@@ -82,7 +82,7 @@ def _await_outcome(attached, review: Review, command_id: int, approve: bool) -> 
 
 def _report(name: str, recorded: dict, approve: bool) -> int:
     verdict = "approved" if recorded.get("approved") else "rejected"
-    by = recorded.get("by") or "a human"
+    by = recorded.get("approver") or recorded.get("by") or "a human"
     why = f": {recorded['reason']}" if recorded.get("reason") else ""
     if bool(recorded.get("approved")) == approve:
         say(f"run {name}: the engine recorded it: {verdict} by {by}{why}")
