@@ -22,19 +22,24 @@ from typing import Any, BinaryIO, Protocol
 import yaml
 
 from engine.atomic import fsync_directory, write_atomic
+from engine.memory import MEMORY_TEMPLATE, Memory, insert_do_not_retry, memory_warning
+
+# ANALYSIS_FILE, MEMORY_FILE, REASONING_FILE, SCORES_FILE and numbered are re-exported (the
+# `as` says so) for tui/widgets, until they import them from engine.paths.
+from engine.paths import ANALYSIS_FILE as ANALYSIS_FILE
+from engine.paths import MEMORY_FILE as MEMORY_FILE
+from engine.paths import REASONING_FILE as REASONING_FILE
+from engine.paths import SCORES_FILE as SCORES_FILE
+from engine.paths import RunPaths
+from engine.paths import numbered as numbered
 from engine.proposal import Proposal
 from engine.tree import Node, NodeStatus
 
 # libyaml when present: the pure-Python emitter costs milliseconds per config snapshot.
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
-ANALYSIS_FILE = "analysis.md"
-MEMORY_FILE = "memory.md"
-REASONING_FILE = "reasoning.log"
-SCORES_FILE = "ucb_scores.txt"
 ANALYSIS_END_KEY = "analysis_end"
 REASONING_END_KEY = "reasoning_end"
-MEMORY_MAX_LINES = 500  # the protocol's cap; longer memory is kept, with a warning
 TORN_SUFFIX = ".torn"  # repaired tails are moved here, never silently dropped
 # How many appended keys a log remembers to refuse duplicates (covers parallel slots that
 # finish out of order; the engine never re-records an iteration older than that).
@@ -42,34 +47,6 @@ RECENT_KEYS = 256
 CHUNK = 1 << 20
 TEXT_FIELD_LIMIT = 4000  # chars of one agent-written field in an analysis entry
 ERROR_LINE_LIMIT = 300
-
-MEMORY_TEMPLATE = """\
-# Working memory
-
-## Knowledge Base
-
-### Regime table
-| Block | Field | n_frames | Best R2 (node) | Best config | Verdict |
-|-------|-------|----------|----------------|-------------|---------|
-
-### Established principles
-
-### Do not retry
-
-### Open questions
-
-## Previous Block Summary
-
-## Current Block
-
-### Info
-
-### Hypothesis
-
-### Iterations
-
-### Observations
-"""
 
 
 class LogsError(Exception):
@@ -82,11 +59,6 @@ class StateStore(Protocol):
     def state(self, key: str, default: Any = None) -> Any: ...
 
     def set_state(self, key: str, value: Any) -> None: ...
-
-
-def numbered(number: int) -> str:
-    """`NNN`: 3-digit zero-padded, wider past 999."""
-    return f"{number:03d}"
 
 
 # -- text formatting --------------------------------------------------------------------------
@@ -103,8 +75,9 @@ def strip_control(text: str) -> str:
     return _CONTROL.sub("", _ANSI.sub("", text))
 
 
-def _one_line(text: str | None, limit: int = TEXT_FIELD_LIMIT) -> str:
-    """Agent prose on a single line: a newline in it cannot forge another entry's heading."""
+def one_line(text: str | None, limit: int = TEXT_FIELD_LIMIT) -> str:
+    """Outside text on a single line, cleaned and cut to `limit` characters: a newline in it
+    cannot forge another entry's heading or bullet."""
     flat = _WHITESPACE.sub(" ", strip_control(text or "")).strip()
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
@@ -186,7 +159,7 @@ def _metrics_line(node: Node, error: str | None) -> str:
     if node.status is not NodeStatus.DONE:
         first = _error_line(error)
         text = f"status={node.status}"
-        return text + (f", error={_one_line(first, ERROR_LINE_LIMIT)}" if first else "")
+        return text + (f", error={one_line(first, ERROR_LINE_LIMIT)}" if first else "")
     metrics = node.metrics
     seconds = metrics.get("training_time_s")
     minutes = seconds / 60 if seconds is not None else metrics.get("training_time_min")
@@ -222,7 +195,7 @@ def _observation(node: Node, parent: Node | None, analysis_text: str) -> str:
         # The delta of the printed values, so the line's arithmetic checks out.
         delta = round(r2, 3) - round(parent_r2, 3)
         compared = f"R2 {_fixed(r2)} vs {_fixed(parent_r2)} (parent): {delta:+.3f}."
-    text = _one_line(analysis_text)
+    text = one_line(analysis_text)
     return f"{compared} {text}" if text else compared
 
 
@@ -238,7 +211,6 @@ def format_entry(
     parent_node: Node | None,
     next_parent_id: int | None,
     analysis_text: str,
-    *,
     config_keys: Sequence[str] = (),
     error: str | None = None,
 ) -> str:
@@ -252,18 +224,18 @@ def format_entry(
     lines = [
         f"## Iter {node.id}: {_entry_quality(node)}",
         f"Node: id={node.id}, parent={parent}",
-        f"Mode/Strategy: {_one_line(str(strategy)) or '-'}",
+        f"Mode/Strategy: {one_line(str(strategy)) or '-'}",
         f"Config: {_config_line(node.config, config_keys)}",
     ]
     if proposal is not None and (proposal.code_change is not None or proposal.changes_code):
         change = proposal.code_change
         files = change.file if change else ", ".join(dict.fromkeys(e.file for e in proposal.edits))
-        lines += ["CODE MODIFICATION:", f"  File: {_one_line(files)}"]
+        lines += ["CODE MODIFICATION:", f"  File: {one_line(files)}"]
         if change is not None and change.function:
-            lines.append(f"  Function: {_one_line(change.function)}")
-        lines.append(f"  Change: {_one_line(change.change) if change else '(not described)'}")
+            lines.append(f"  Function: {one_line(change.function)}")
+        lines.append(f"  Change: {one_line(change.change) if change else '(not described)'}")
         if proposal.hypothesis:
-            lines.append(f"  Hypothesis: {_one_line(proposal.hypothesis)}")
+            lines.append(f"  Hypothesis: {one_line(proposal.hypothesis)}")
     lines.append(f"Metrics: {_metrics_line(node, error)}")
     dataset = node.config.get("dataset")
     if isinstance(dataset, dict) and ("field" in dataset or "n_frames" in dataset):
@@ -276,8 +248,8 @@ def format_entry(
     mutation = (proposal.mutation if proposal is not None else "") or node.mutation
     parent_rule = proposal.parent_rule if proposal is not None else ""
     lines += [
-        f"Mutation: {_one_line(mutation) or 'none'}",
-        f"Parent rule: {_one_line(parent_rule) or '-'}",
+        f"Mutation: {one_line(mutation) or 'none'}",
+        f"Parent rule: {one_line(parent_rule) or '-'}",
         f"Observation: {_observation(node, parent_node, analysis_text)}",
     ]
     if next_parent_id is not None:
@@ -377,76 +349,6 @@ class _AppendOnlyLog:
             f"{self.path.name}: removed {size - record.end} bytes after the last recorded "
             f"entry (an interrupted write), kept in {torn.name}"
         )
-
-
-# -- memory.md --------------------------------------------------------------------------------
-
-_HEADING = re.compile(r"^(#{1,6})\s")
-_DO_NOT_RETRY = re.compile(r"^###\s+do not retry\b", re.IGNORECASE)
-_KNOWLEDGE_BASE = re.compile(r"^##\s+knowledge base\b", re.IGNORECASE)
-
-
-def _heading_levels(lines: list[str]) -> list[int]:
-    """Each line's heading level (0: not a heading), ignoring `#` lines inside code fences."""
-    levels, fenced = [], False
-    for line in lines:
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        match = None if fenced else _HEADING.match(line)
-        levels.append(len(match.group(1)) if match else 0)
-    return levels
-
-
-def _section_end(levels: list[int], start: int, level: int) -> int:
-    """Index of the first heading at `level` or above after `start` (or the end)."""
-    for index in range(start + 1, len(levels)):
-        if 0 < levels[index] <= level:
-            return index
-    return len(levels)
-
-
-def insert_do_not_retry(memory: str, note: str) -> str:
-    """`memory` with `- note` as the last bullet under `### Do not retry` (heading created in
-    the Knowledge Base, or at the end, when missing); unchanged if that bullet is there."""
-    bullet = f"- {_one_line(note)}"
-    lines = memory.splitlines()
-    levels = _heading_levels(lines)
-    heading = next(
-        (i for i, line in enumerate(lines) if levels[i] == 3 and _DO_NOT_RETRY.match(line)), None
-    )
-    if heading is not None:
-        end = _section_end(levels, heading, 3)
-        if bullet in (line.rstrip() for line in lines[heading + 1 : end]):
-            return memory
-        last = heading
-        for index in range(heading + 1, end):
-            if lines[index].strip():
-                last = index
-        lines.insert(last + 1, bullet)
-    else:
-        block = ["### Do not retry", bullet, ""]
-        base = next(
-            (i for i, line in enumerate(lines) if levels[i] == 2 and _KNOWLEDGE_BASE.match(line)),
-            None,
-        )
-        if base is not None:
-            end = _section_end(levels, base, 2)
-            if end > 0 and lines[end - 1].strip():
-                block.insert(0, "")
-            lines[end:end] = block
-        else:
-            if lines and lines[-1].strip():
-                lines.append("")
-            lines += block[:-1]
-    return "\n".join(lines) + "\n"
-
-
-def memory_warning(text: str) -> str | None:
-    """A warning when a memory text is over the protocol's line cap (it is kept anyway)."""
-    count = len(text.splitlines())
-    if count <= MEMORY_MAX_LINES:
-        return None
-    return f"memory.md has {count} lines, over the protocol's {MEMORY_MAX_LINES}; kept as is"
 
 
 # -- the tail reader --------------------------------------------------------------------------
@@ -609,28 +511,22 @@ _BANNER = re.compile(r"^(=== Iteration \d+)", re.MULTILINE)
 
 
 class RunLogs:
-    """The files of one run folder. Pass the journal (or any StateStore) only in the engine
-    that holds the run: the appends then become crash-safe and `repair_tails` runs on open,
-    its messages in `repairs`. Without a store the object only reads and writes whole files."""
+    """The files of one run folder, at the paths `paths` (a RunPaths) names. Pass the journal
+    (or any StateStore) only in the engine that holds the run: the appends then become
+    crash-safe and `repair_tails` runs on open, its messages in `repairs`. Without a store the
+    object only reads and writes whole files."""
 
     def __init__(self, run_dir: str | Path, store: StateStore | None = None):
-        self.run_dir = Path(run_dir)
-        self.analysis_path = self.run_dir / ANALYSIS_FILE
-        self.memory_path = self.run_dir / MEMORY_FILE
-        self.reasoning_path = self.run_dir / REASONING_FILE
-        self.scores_path = self.run_dir / SCORES_FILE
-        self.configs_dir = self.run_dir / "configs"
-        self.protocols_dir = self.run_dir / "protocols"
-        self.memory_snapshots_dir = self.run_dir / "memory"
-        self.nodes_dir = self.run_dir / "nodes"
+        self.paths = RunPaths(Path(run_dir))
+        self.run_dir = self.paths.run_dir
         self._store = store
         self._analysis: _AppendOnlyLog | None = None
         self._reasoning: _AppendOnlyLog | None = None
         self.repairs: list[str] = []
         if store is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._analysis = _AppendOnlyLog(self.analysis_path, store, ANALYSIS_END_KEY)
-            self._reasoning = _AppendOnlyLog(self.reasoning_path, store, REASONING_END_KEY)
+            self._analysis = _AppendOnlyLog(self.paths.analysis, store, ANALYSIS_END_KEY)
+            self._reasoning = _AppendOnlyLog(self.paths.reasoning, store, REASONING_END_KEY)
             self.repairs = self.repair_tails()
 
     def _append_log(self, log: _AppendOnlyLog | None) -> _AppendOnlyLog:
@@ -657,7 +553,7 @@ class RunLogs:
 
     def append_reasoning(self, iteration: int, text: str, *, attempt: int = 0) -> bool:
         """Append the agent's full text under `=== Iteration N ===` (attempt > 0: a repair's
-        own banner); False if already there."""
+        or a re-proposal's own banner); False if that attempt's text is already there."""
         banner = f"=== Iteration {iteration} ==="
         if attempt:
             banner = f"=== Iteration {iteration} (attempt {attempt}) ==="
@@ -666,55 +562,57 @@ class RunLogs:
         key = f"{iteration}/{attempt}"
         return self._append_log(self._reasoning).append(key, f"{banner}\n{body}\n\n")
 
-    def format_entry(
-        self,
-        node: Node,
-        proposal: Proposal | None,
-        parent_node: Node | None,
-        next_parent_id: int | None,
-        analysis_text: str,
-        config_keys: Sequence[str] = (),
-        error: str | None = None,
-    ) -> str:
-        """`format_entry` for this run: a failed node's error defaults to its metrics.json's."""
-        if error is None and node.status is not NodeStatus.DONE:
-            error = self.read_metrics(node.id).get("error")
-        return format_entry(
-            node,
-            proposal,
-            parent_node,
-            next_parent_id,
-            analysis_text,
-            config_keys=config_keys,
-            error=error if isinstance(error, str) else None,
-        )
+    def format_entry(self, node: Node, *entry: Any, **options: Any) -> str:
+        """`format_entry(node, ...)` for this run: a failed node's error, unless given, is the
+        one its metrics.json recorded."""
+        options.setdefault("error", self.recorded_error(node))
+        return format_entry(node, *entry, **options)
+
+    def recorded_error(self, node: Node) -> str | None:
+        """The error in a failed node's metrics.json (None for a node that ran to the end)."""
+        if node.status is NodeStatus.DONE:
+            return None
+        error = self.read_metrics(node.id).get("error")
+        return error if isinstance(error, str) else None
 
     def read_analysis(self) -> str:
-        return _read_text(self.analysis_path)
+        return _read_text(self.paths.analysis)
 
     # -- memory.md -------------------------------------------------------------------------
 
     def init_memory(self, text: str | None = None) -> str | None:
         """Create memory.md (the protocol's skeleton, or `text`) unless it exists; returns a
         warning when the text is over the line cap."""
-        if self.memory_path.exists():
+        if self.paths.memory.exists():
             return memory_warning(self.read_memory())
         return self.rewrite_memory(MEMORY_TEMPLATE if text is None else text)
 
     def rewrite_memory(self, text: str) -> str | None:
         """Replace memory.md atomically; returns a warning when over the line cap."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.memory_path, text if text.endswith("\n") else text + "\n")
+        _write_whole(self.paths.memory, text if text.endswith("\n") else text + "\n")
         return memory_warning(text)
 
     def read_memory(self) -> str:
         """memory.md, or '' before it exists."""
-        return _read_text(self.memory_path)
+        return _read_text(self.paths.memory)
 
     def add_do_not_retry(self, note: str) -> str | None:
         """Add `- note` under `### Do not retry` (idempotent); returns a cap warning or None."""
         current = self.read_memory() or MEMORY_TEMPLATE
-        updated = insert_do_not_retry(current, note)
+        return self._update_memory(current, insert_do_not_retry(current, one_line(note)))
+
+    def settle_iterations(self, nodes: Iterable[Node]) -> str | None:
+        """The memory.md lines `- Node N (...) -> pending` of the finished ones among `nodes`
+        show their outcome (the quality word, or failed/diverged); returns a cap warning or
+        None. Every other line stays as written."""
+        outcomes = {node.id: _entry_quality(node) for node in nodes
+                    if node.status not in (NodeStatus.PENDING, NodeStatus.RUNNING)}
+        current = self.read_memory()
+        memory = Memory.parse(current)
+        memory.settle_iterations(outcomes)
+        return self._update_memory(current, memory.text())
+
+    def _update_memory(self, current: str, updated: str) -> str | None:
         if updated != current:
             return self.rewrite_memory(updated)
         return memory_warning(current)
@@ -723,12 +621,8 @@ class RunLogs:
 
     def write_scores(self, text: str) -> Path:
         """ucb_scores.txt (from `Tree.render_score_table`), atomically."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.scores_path, text, durable=False)
-        return self.scores_path
-
-    def config_snapshot_path(self, iteration: int) -> Path:
-        return self.configs_dir / f"iter_{numbered(iteration)}.yaml"
+        _write_whole(self.paths.scores, text, durable=False)
+        return self.paths.scores
 
     def write_config_snapshot(self, iteration: int, config: dict[str, Any]) -> Path:
         """`configs/iter_NNN.yaml`: the full config of the run, the file the harness reads."""
@@ -738,45 +632,19 @@ class RunLogs:
             raise LogsError(
                 f"the config of iteration {iteration} is not plain YAML: {exc}"
             ) from None
-        path = self.config_snapshot_path(iteration)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text, durable=False)  # rewritten from the journal before each run
+        path = self.paths.config_snapshot(iteration)
+        _write_whole(path, text, durable=False)  # rewritten from the journal before each run
         return path
 
     def snapshot_protocol(self, block: int, text: str) -> Path:
         """`protocols/block_NNN.md`: the instruction file as the block starts (once)."""
-        return _write_once(self.protocols_dir / f"block_{numbered(block)}.md", text)
+        return _write_once(self.paths.protocol_snapshot(block), text)
 
     def snapshot_memory(self, block: int) -> Path:
         """`memory/block_NNN.md`: memory.md as the block ends (once)."""
-        path = self.memory_snapshots_dir / f"block_{numbered(block)}.md"
-        return _write_once(path, self.read_memory())
+        return _write_once(self.paths.memory_snapshot(block), self.read_memory())
 
     # -- per-node folders ------------------------------------------------------------------
-
-    def node_dir(self, node_id: int, *, create: bool = True) -> Path:
-        """`nodes/NNN/` (created unless `create` is off)."""
-        path = self.nodes_dir / numbered(node_id)
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def training_log_path(self, node_id: int) -> Path:
-        """Where the runner writes the node's output."""
-        return self.node_dir(node_id) / "training.log"
-
-    def results_path(self, node_id: int) -> Path:
-        """Where the harness writes its results.json."""
-        return self.node_dir(node_id) / "results.json"
-
-    def metrics_path(self, node_id: int) -> Path:
-        return self.node_dir(node_id) / "metrics.json"
-
-    def change_path(self, node_id: int) -> Path:
-        return self.node_dir(node_id) / "change.diff"
-
-    def config_diff_path(self, node_id: int) -> Path:
-        return self.node_dir(node_id) / "config.diff"
 
     def write_metrics(
         self, node: Node, error: str | None = None, *, run: dict[str, Any] | None = None
@@ -788,15 +656,14 @@ class RunLogs:
         if run is not None:
             record["run"] = run
         text = json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n"
-        path = self.metrics_path(node.id)
-        write_atomic(path, text, durable=False)  # the journal holds the same result
+        path = self.paths.metrics(node.id)
+        _write_whole(path, text, durable=False)  # the journal holds the same result
         return path
 
     def read_metrics(self, node_id: int) -> dict[str, Any]:
         """A node's metrics.json as written, or {} when absent or unreadable."""
-        path = self.node_dir(node_id, create=False) / "metrics.json"
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(self.paths.metrics(node_id).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return record if isinstance(record, dict) else {}
@@ -806,12 +673,12 @@ class RunLogs:
         changes), each only when non-empty; returns the files written."""
         written = []
         for path, text in (
-            (self.change_path(node_id), diff_text),
-            (self.config_diff_path(node_id), config_diff_text),
+            (self.paths.change_diff(node_id), diff_text),
+            (self.paths.config_diff(node_id), config_diff_text),
         ):
             if text:
                 # the journal holds the proposal these diffs are derived from
-                write_atomic(path, text if text.endswith("\n") else text + "\n", durable=False)
+                _write_whole(path, text if text.endswith("\n") else text + "\n", durable=False)
                 written.append(path)
         return written
 
@@ -823,8 +690,12 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+def _write_whole(path: Path, text: str, *, durable: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text, durable=durable)
+
+
 def _write_once(path: Path, text: str) -> Path:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
+        _write_whole(path, text)
     return path

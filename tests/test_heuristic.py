@@ -21,18 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.agents.base import AgentContext, NodeSummary, Repair
-from engine.agents.heuristic import (
-    MEMORY_MAX_LINES,
-    SKELETON,
-    HeuristicAgent,
-    memory_section,
-    same_value,
-)
+from engine.agents.heuristic import HeuristicAgent, same_value
 from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
 from engine.config import ExperimentConfig, ParamRange, load_config
 from engine.edits import apply_edits
-from engine.logs import MEMORY_TEMPLATE, format_number
+from engine.logs import RunLogs, format_number
+from engine.memory import MEMORY_MAX_LINES, MEMORY_TEMPLATE, SKELETON, memory_section
 from engine.proposal import CodeEdit, Proposal, Strategy
+from engine.tree import Node, NodeStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -286,11 +282,14 @@ async def test_templates_already_tried_or_in_do_not_retry_are_skipped():
     assert proposal.strategy is not Strategy.CODE_CHANGE
 
 
+def two_branches(lr_r2: float, omega_r2: float) -> History:
+    """Root 0.80 with two branches: lr (node 2, then omega_0 at node 4) and hidden_dim (3)."""
+    return (History().add(1, None, 0.80).add(2, 1, lr_r2, {LR: 3e-5})
+            .add(3, 1, 0.82, {HIDDEN: 128}).add(4, 2, omega_r2, {OMEGA: 40.0}))
+
+
 async def test_a_stalled_block_explores_off_the_recent_chain():
-    history = (History().add(1, None, 0.80)
-               .add(2, 1, 0.85, {LR: 3e-5}).add(3, 1, 0.82, {HIDDEN: 128})
-               .add(4, 2, 0.84, {OMEGA: 40.0}).add(5, 4, 0.83, {LAYERS: 4})
-               .add(6, 4, 0.81, {FPB: 8}))
+    history = two_branches(0.85, 0.84).add(5, 4, 0.83, {LAYERS: 4}).add(6, 4, 0.81, {FPB: 8})
     proposal = await propose(history.context(7, candidates=(2, 4, 5, 3, 6, 1)))
     assert proposal.strategy is Strategy.EXPLORE
     assert proposal.parent_id not in (6, 4, 2, 1)  # the latest node's chain
@@ -298,10 +297,7 @@ async def test_a_stalled_block_explores_off_the_recent_chain():
 
 
 async def test_a_good_node_never_re_run_is_re_tested_with_only_a_new_seed():
-    history = (History().add(1, None, 0.80)
-               .add(2, 1, 0.92, {LR: 3e-5}).add(3, 1, 0.82, {HIDDEN: 128})
-               .add(4, 2, 0.91, {OMEGA: 40.0}).add(5, 3, 0.83, {LAYERS: 4})
-               .add(6, 2, 0.93, {FPB: 8}))
+    history = two_branches(0.92, 0.91).add(5, 3, 0.83, {LAYERS: 4}).add(6, 2, 0.93, {FPB: 8})
     proposal = await propose(history.context(7, candidates=(6, 2, 4, 5, 3, 1)))
     assert proposal.strategy is Strategy.RETEST
     assert proposal.parent_id == 6
@@ -559,6 +555,35 @@ async def test_block_end_compresses_the_block_into_memory():
     assert (f"- Last run of the block: node 4, {proposal.mutation} (excellent)."
             in memory_section(opening.memory, "previous block summary"))
     assert memory_section(opening.memory, "iterations").startswith("- Node 5 (parent 4): ")
+
+
+async def test_a_code_change_on_the_blocks_last_iteration_counts_in_its_summary():
+    history = poor_block(block_size=8)  # iteration 8 ends the block and opens the code gate
+    proposal = await propose(history.context(8))
+    assert proposal.strategy is Strategy.CODE_CHANGE
+    summary = memory_section(proposal.memory, "previous block summary").splitlines()
+    assert f"- Code changes (1): node 8 {proposal.mutation} (pending)." in summary
+
+    history.add(8, proposal.parent_id, 0.5, template=template_of(proposal.mutation),
+                strategy="code-modification")
+    opening = await propose(history.context(9, memory=proposal.memory))
+    summary = memory_section(opening.memory, "previous block summary").splitlines()
+    assert f"- Code changes (1): node 8 {proposal.mutation} (poor)." in summary
+    assert f"- Last run of the block: node 8, {proposal.mutation} (poor)." in summary
+
+
+async def test_the_runs_last_node_shows_its_outcome_once_it_finished(tmp_path):
+    history = History().add(1, None, 0.6)
+    last = await propose(history.context(2))
+    logs = RunLogs(tmp_path)
+    logs.rewrite_memory(last.memory)  # the engine applies the proposal; the run then ends
+    history.add(2, 1, 0.93, last.config_changes)
+    finished = Node(id=2, parent_id=1, config={}, metrics={"final_r2": 0.93},
+                    status=NodeStatus.DONE)
+    logs.settle_iterations([finished])
+    iterations = memory_section(logs.read_memory(), "iterations").splitlines()
+    assert iterations[-1] == f"- Node 2 (parent 1): {last.mutation} [exploit] -> good"
+    assert not any(line.endswith("-> pending") for line in iterations)
 
 
 async def test_an_overgrown_memory_is_cut_back_under_the_line_cap():

@@ -16,17 +16,15 @@ from hypothesis import strategies as st
 
 from engine.journal import Journal
 from engine.logs import (
-    MEMORY_MAX_LINES,
-    MEMORY_TEMPLATE,
     LogsError,
     RunLogs,
     format_entry,
     format_number,
-    insert_do_not_retry,
     log_tail,
-    numbered,
     quality_word,
 )
+from engine.memory import MEMORY_MAX_LINES, MEMORY_TEMPLATE, memory_section
+from engine.paths import numbered
 from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
 from engine.tree import Node, NodeStatus
 
@@ -82,6 +80,18 @@ CODE = Proposal(
 )
 
 
+# The lines CODE's entries share, from Mode/Strategy to the code block's Hypothesis.
+CODE_LINES = textwrap.dedent("""\
+    Mode/Strategy: code-modification
+    Config: learning_rate=3E-5, frames_per_batch=4, hidden_dim=128, n_layers=3, omega_0=30.0
+    CODE MODIFICATION:
+      File: models/trainer.py
+      Function: train
+      Change: Clip the gradient norm to 1.0 between backward and the optimiser step
+      Hypothesis: the loss spikes at omega_0=60 are gradient blow-ups
+    """)
+
+
 # -- analysis entries ---------------------------------------------------------------------
 
 
@@ -116,13 +126,7 @@ def test_code_entry_has_the_code_block_and_a_negative_delta():
     assert entry == textwrap.dedent("""\
         ## Iter 15: moderate
         Node: id=15, parent=14
-        Mode/Strategy: code-modification
-        Config: learning_rate=3E-5, frames_per_batch=4, hidden_dim=128, n_layers=3, omega_0=30.0
-        CODE MODIFICATION:
-          File: models/trainer.py
-          Function: train
-          Change: Clip the gradient norm to 1.0 between backward and the optimiser step
-          Hypothesis: the loss spikes at omega_0=60 are gradient blow-ups
+        """) + CODE_LINES + textwrap.dedent("""\
         Metrics: final_r2=0.786, final_mse=3.19E-08, slope=0.838, training_time=59.0min
         Field: field_name=Jp, n_frames=24
         Mutation: [code] gradient clipping max_norm=1.0
@@ -139,13 +143,7 @@ def test_failed_entry_shows_status_and_the_error_line_and_the_last_entry_has_no_
     assert entry == textwrap.dedent("""\
         ## Iter 16: failed
         Node: id=16, parent=14
-        Mode/Strategy: code-modification
-        Config: learning_rate=3E-5, frames_per_batch=4, hidden_dim=128, n_layers=3, omega_0=30.0
-        CODE MODIFICATION:
-          File: models/trainer.py
-          Function: train
-          Change: Clip the gradient norm to 1.0 between backward and the optimiser step
-          Hypothesis: the loss spikes at omega_0=60 are gradient blow-ups
+        """) + CODE_LINES + textwrap.dedent("""\
         Metrics: status=failed, error=RuntimeError: shape mismatch
         Field: field_name=Jp, n_frames=24
         Mutation: [code] gradient clipping max_norm=1.0
@@ -225,7 +223,7 @@ def test_torn_append_is_cut_on_open_and_reappended_once(journal):
     whole = logs.read_analysis()
     assert whole == entry(1) + "\n"
     # A SIGKILL mid-write: part of entry 2 is on disk, its end never recorded.
-    with open(logs.analysis_path, "a", encoding="utf-8") as handle:
+    with open(logs.paths.analysis, "a", encoding="utf-8") as handle:
         handle.write(entry(2)[:40])
 
     reopened = RunLogs(run_dir, journal)
@@ -243,19 +241,38 @@ def test_reasoning_banner_and_repair(journal):
     assert logs.append_reasoning(3, "I pick node 2.\n=== Iteration 9 ===\nfake\x07")
     assert logs.append_reasoning(3, "Repair: fix the indent.", attempt=1)
     assert not logs.append_reasoning(3, "again")
-    text = logs.reasoning_path.read_text()
+    text = logs.paths.reasoning.read_text()
     assert text == (
         "=== Iteration 3 ===\nI pick node 2.\n === Iteration 9 ===\nfake\n\n"
         "=== Iteration 3 (attempt 1) ===\nRepair: fix the indent.\n\n"
     )
-    logs.reasoning_path.write_text(text + "=== Iteration 4 ===\npart")
-    assert RunLogs(journal.path.parent, journal).reasoning_path.read_text() == text
+    logs.paths.reasoning.write_text(text + "=== Iteration 4 ===\npart")
+    assert RunLogs(journal.path.parent, journal).paths.reasoning.read_text() == text
+
+
+def test_every_attempt_keeps_its_reasoning_under_its_own_banner(journal):
+    run_dir = journal.path.parent
+    logs = RunLogs(run_dir, journal)
+    assert logs.append_reasoning(7, "Proposal: raise lr.", attempt=0)
+    assert logs.append_reasoning(7, "Rejected (too risky): lower omega_0.", attempt=1)
+    assert logs.append_reasoning(7, "Repair: the edit did not apply; clip instead.", attempt=2)
+    assert not logs.append_reasoning(7, "Rejected (too risky): again.", attempt=1)
+    expected = (
+        "=== Iteration 7 ===\nProposal: raise lr.\n\n"
+        "=== Iteration 7 (attempt 1) ===\nRejected (too risky): lower omega_0.\n\n"
+        "=== Iteration 7 (attempt 2) ===\nRepair: the edit did not apply; clip instead.\n\n"
+    )
+    assert logs.paths.reasoning.read_text() == expected
+    assert logs.repair_tails() == []
+    reopened = RunLogs(run_dir, journal)  # a resumed engine repairs the tails on open
+    assert reopened.repairs == [] and reopened.paths.reasoning.read_text() == expected
+    assert not reopened.append_reasoning(7, "Repair: a second time.", attempt=2)
 
 
 def test_shortened_file_becomes_the_new_baseline(journal):
     logs = RunLogs(journal.path.parent, journal)
     logs.append_analysis(entry(1), 1)
-    logs.analysis_path.write_text("edited by hand\n")
+    logs.paths.analysis.write_text("edited by hand\n")
     reopened = RunLogs(journal.path.parent, journal)
     assert "shorter" in reopened.repairs[0]
     reopened.append_analysis(entry(2), 2)
@@ -349,14 +366,39 @@ def test_do_not_retry_goes_under_its_heading(tmp_path):
     assert lines[start + 4] == "### Open questions"
 
 
-def test_do_not_retry_heading_recreated_where_it_belongs():
-    memory = "# Working memory\n## Knowledge Base\n### Open questions\n- why?\n## Current Block\n"
-    assert insert_do_not_retry(memory, "multi\nline note") == (
-        "# Working memory\n## Knowledge Base\n### Open questions\n- why?\n\n"
-        "### Do not retry\n- multi line note\n\n## Current Block\n"
+def test_do_not_retry_notes_are_one_clean_line(tmp_path):
+    logs = RunLogs(tmp_path)
+    logs.rewrite_memory("# my own notes\n- keep me\n")
+    logs.add_do_not_retry("clipping (node 3):\x1b[31m crashed\nRuntimeError: boom")
+    assert logs.read_memory() == (
+        "# my own notes\n- keep me\n\n### Do not retry\n"
+        "- clipping (node 3): crashed RuntimeError: boom\n"
     )
-    fenced = "notes\n```\n### Do not retry\n```\n"
-    assert insert_do_not_retry(fenced, "x") == fenced + "\n### Do not retry\n- x\n"
+
+
+def test_a_finished_node_no_longer_reads_pending(tmp_path):
+    logs = RunLogs(tmp_path)
+    memory = MEMORY_TEMPLATE.replace("### Iterations\n", "### Iterations\n"
+                                     "- Node 1 (root): none [baseline] -> good\n"
+                                     "- Node 2 (parent 1): lr: 1E-5 -> 3E-5 [exploit] -> pending\n"
+                                     "- Node 3 (parent 1): [code] Huber loss [code-modification]"
+                                     " -> pending\n"
+                                     "- Node 4 (parent 2): seed: 0 -> 1 [re-test] -> pending\n")
+    logs.rewrite_memory(memory)
+    running = Node(id=4, parent_id=2, config={}, status=NodeStatus.RUNNING)
+    failed = Node(id=3, parent_id=1, config={}, status=NodeStatus.FAILED)
+    assert logs.settle_iterations([done(2, 1, 0.91), failed, running]) is None
+    assert memory_section(logs.read_memory(), "iterations").splitlines() == [
+        "- Node 1 (root): none [baseline] -> good",
+        "- Node 2 (parent 1): lr: 1E-5 -> 3E-5 [exploit] -> good",
+        "- Node 3 (parent 1): [code] Huber loss [code-modification] -> failed",
+        "- Node 4 (parent 2): seed: 0 -> 1 [re-test] -> pending",
+    ]
+    settled = logs.read_memory()
+    assert settled == memory.replace("3E-5 [exploit] -> pending", "3E-5 [exploit] -> good")\
+        .replace("[code-modification] -> pending", "[code-modification] -> failed")
+    logs.settle_iterations([done(2, 1, 0.91)])  # again: nothing left to change
+    assert logs.read_memory() == settled
 
 
 # -- snapshots and node folders -----------------------------------------------------------
@@ -387,11 +429,11 @@ def test_config_snapshot_is_the_config_in_order(tmp_path):
 
 def test_node_folder_files(tmp_path):
     logs = RunLogs(tmp_path)
-    assert logs.training_log_path(4) == tmp_path / "nodes" / "004" / "training.log"
-    assert logs.results_path(4).parent.is_dir()
     node = Node(id=4, parent_id=None, config={}, metrics={"final_r2": float("nan")})
     node.status = NodeStatus.DIVERGED
-    record = json.loads(logs.write_metrics(node, "loss is nan", run={"exit_code": 3}).read_text())
+    written = logs.write_metrics(node, "loss is nan", run={"exit_code": 3})
+    assert written == tmp_path / "nodes" / "004" / "metrics.json"
+    record = json.loads(written.read_text())
     assert record == {
         "node": 4,
         "status": "diverged",
@@ -405,13 +447,14 @@ def test_node_folder_files(tmp_path):
     assert "Metrics: status=diverged, error=loss is nan\n" in entry
     written = logs.write_change(4, "--- a/models/trainer.py\n+++ b/models/trainer.py\n", "")
     assert written == [tmp_path / "nodes" / "004" / "change.diff"]
-    assert logs.write_change(5, "", "-lr: 1E-5\n+lr: 3E-5") == [logs.config_diff_path(5)]
+    config_diff = logs.write_change(5, "", "-lr: 1E-5\n+lr: 3E-5")
+    assert config_diff == [tmp_path / "nodes" / "005" / "config.diff"]
 
 
 def test_scores_file(tmp_path):
     logs = RunLogs(tmp_path)
     logs.write_scores("=== UCB Scores (Block 1, iters 1-12, N=0, c=1.414) ===\n\n")
-    assert logs.scores_path.read_text().startswith("=== UCB Scores")
+    assert logs.paths.scores.read_text().startswith("=== UCB Scores")
 
 
 # -- the tail reader ----------------------------------------------------------------------

@@ -19,7 +19,16 @@ from typing import Any
 from engine.agents.base import AgentContext, AgentReply, NodeSummary
 from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
 from engine.config import ExperimentConfig, ParamRange
-from engine.logs import MEMORY_MAX_LINES, format_number, quality_word
+from engine.logs import format_number, one_line, quality_word
+from engine.memory import (
+    DO_NOT_RETRY,
+    ITERATIONS,
+    MEMORY_MAX_LINES,
+    REGIME_HEADER,
+    REGIME_TABLE,
+    Memory,
+    iteration_line,
+)
 from engine.proposal import Proposal, Strategy
 
 # The protocol's thresholds, named after its wording.
@@ -428,7 +437,7 @@ class Planner:
             template = template_of(node.mutation)
             if template is not None:
                 names.add(template.name)
-        settled = (memory_section(self.context.memory, "do not retry") + "\n"
+        settled = ("\n".join(Memory.parse(self.context.memory).body(DO_NOT_RETRY)) + "\n"
                    + "\n".join(self.context.rejections)).lower()
         for template in TEMPLATES:
             if template.name.lower() in settled or template.change.lower() in settled:
@@ -787,36 +796,39 @@ class Planner:
 
 # -- hypotheses ----------------------------------------------------------------------------
 
-KEY_HYPOTHESES: dict[tuple[str, int], str] = {
-    ("training.learning_rate", 1): "A larger learning rate lets the fixed training steps reach "
-    "the sharp material jumps, so R2 rises over the parent's.",
-    ("training.learning_rate", -1): "A smaller learning rate steadies the sine layers' training, "
-    "so R2 rises over the parent's.",
-    ("training.frames_per_batch", 1): "More frames per batch give each step a smoother gradient "
-    "over time, so R2 rises over the parent's.",
-    ("training.frames_per_batch", -1): "Fewer frames per batch add gradient noise that helps "
-    "escape the flat start, so R2 rises over the parent's.",
-    ("model.hidden_dim", 1): "A wider network has the capacity for the jumps between materials, "
-    "so R2 rises over the parent's.",
-    ("model.hidden_dim", -1): "A narrower network fits as well with fewer parameters: R2 stays "
-    "within 0.02 of the parent's.",
-    ("model.n_layers", 1): "One more sine layer composes finer detail at the material "
-    "boundaries, so R2 rises over the parent's.",
-    ("model.n_layers", -1): "One sine layer fewer trains further in the fixed steps, so R2 rises "
-    "over the parent's.",
-    ("model.omega_0", 1): "A higher omega_0 resolves finer detail at the material boundaries, so "
-    "R2 rises over the parent's.",
-    ("model.omega_0", -1): "A lower omega_0 smooths the fit and steadies training, so R2 rises "
-    "over the parent's.",
+R2_RISES = "so R2 rises over the parent's"
+# Why one step of a search-space key, (up, down), should move R2: a hypothesis' cause.
+KEY_REASONS: dict[str, tuple[str, str]] = {
+    "training.learning_rate": (
+        "A larger learning rate lets the fixed training steps reach the sharp material jumps",
+        "A smaller learning rate steadies the sine layers' training"),
+    "training.frames_per_batch": (
+        "More frames per batch give each step a smoother gradient over time",
+        "Fewer frames per batch add gradient noise that helps escape the flat start"),
+    "model.hidden_dim": (
+        "A wider network has the capacity for the jumps between materials",
+        "A narrower network fits as well with fewer parameters"),
+    "model.n_layers": (
+        "One more sine layer composes finer detail at the material boundaries",
+        "One sine layer fewer trains further in the fixed steps"),
+    "model.omega_0": (
+        "A higher omega_0 resolves finer detail at the material boundaries",
+        "A lower omega_0 smooths the fit and steadies training"),
+}
+# The steps whose hypothesis predicts something other than R2 rising over the parent's.
+KEY_PREDICTIONS: dict[tuple[str, int], str] = {
+    ("model.hidden_dim", -1): "R2 stays within 0.02 of the parent's",
 }
 
 
 def key_hypothesis(history: History, key: str, old: Any, new: Any) -> str:
     spec = history.space.get(key)
     direction = direction_of(spec, old, new) if spec is not None else 0
-    known = KEY_HYPOTHESES.get((key, direction))
-    if known is not None:
-        return known
+    reasons = KEY_REASONS.get(key)
+    if reasons is not None and direction:
+        reason = reasons[0] if direction > 0 else reasons[1]
+        prediction = KEY_PREDICTIONS.get((key, direction))
+        return f"{reason}: {prediction}." if prediction else f"{reason}, {R2_RISES}."
     way = "Raising" if direction > 0 else "Lowering"
     return (f"{way} {key} from {format_number(old)} to {format_number(new)} moves R2 by more "
             f"than the +-{ROBUST_R2_BAND} seed noise versus the parent.")
@@ -891,7 +903,7 @@ def word(history: History, plan: Plan, rejected: Sequence[tuple[Plan, str]]) -> 
         analysis += " " + plan.note
     rejected_notes = tuple(
         f"{mutation_text(history, p)} from node {p.parent_id}: rejected by a human "
-        f"({_one_line(reason, 160) or 'no reason given'})" for p, reason in rejected
+        f"({one_line(reason, 160) or 'no reason given'})" for p, reason in rejected
     )
     memory = compose_memory(history, plan, mutation, plan.do_not_retry + rejected_notes)
     template = plan.template
@@ -924,143 +936,36 @@ def word(history: History, plan: Plan, rejected: Sequence[tuple[Plan, str]]) -> 
 
 # -- memory.md -----------------------------------------------------------------------------
 
-_HEADING = re.compile(r"^(#{1,3})\s+(.*?)\s*$")
-_ITERATION_LINE = re.compile(r"^- Node (\d+) \(.*-> pending$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-# The protocol's skeleton: (level, title); bodies are ours.
-SKELETON: tuple[tuple[int, str], ...] = (
-    (1, "Working memory"),
-    (2, "Knowledge Base"),
-    (3, "Regime table"),
-    (3, "Established principles"),
-    (3, "Do not retry"),
-    (3, "Open questions"),
-    (2, "Previous Block Summary"),
-    (2, "Current Block"),
-    (3, "Info"),
-    (3, "Hypothesis"),
-    (3, "Iterations"),
-    (3, "Observations"),
-)
-REGIME_HEADER = (
-    "| Block | Field | n_frames | Best R2 (node) | Best config | Verdict |",
-    "|-------|-------|----------|----------------|-------------|---------|",
-)
-_KNOWLEDGE = ("regime table", "established principles", "do not retry", "open questions")
+SECTION_CAPS = {
+    "iterations": ITERATION_LINES_CAP,
+    "observations": OBSERVATION_LINES_CAP,
+    "previous block summary": SUMMARY_LINES_CAP,
+    "established principles": LIST_SECTION_CAP,
+    DO_NOT_RETRY: LIST_SECTION_CAP,
+    "open questions": LIST_SECTION_CAP,
+}
+PREVIOUS_BLOCK_SUMMARY = "previous block summary"
+LAST_PROPOSAL = "- Last proposal of the block: node "
+CODE_CHANGES = "- Code changes"
+CODE_CHANGES_SHOWN = 3
 
 
-def _one_line(text: str, limit: int) -> str:
-    flat = " ".join(_CONTROL.sub(" ", text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _title_key(title: str) -> str:
-    """`Established principles (each with ...)` -> `established principles`."""
-    return re.sub(r"\(.*?\)", "", title).strip().lower()
-
-
-@dataclass
-class MemorySection:
-    level: int
-    title: str
-    body: list[str]
-
-
-def parse_memory(text: str) -> list[MemorySection]:
-    """memory.md split at its level 1-3 headings (headings inside code fences are text)."""
-    sections: list[MemorySection] = []
-    fenced = False
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        match = None if fenced else _HEADING.match(line)
-        if match:
-            sections.append(MemorySection(len(match.group(1)), match.group(2), []))
-        elif sections:
-            sections[-1].body.append(line.rstrip())
-    for section in sections:
-        while section.body and not section.body[0].strip():
-            section.body.pop(0)
-        while section.body and not section.body[-1].strip():
-            section.body.pop()
-    return sections
-
-
-def memory_section(text: str, title: str) -> str:
-    """The body of the section called `title` in a memory text ('' when absent)."""
-    wanted = _title_key(title)
-    return "\n".join(line for s in parse_memory(text) if _title_key(s.title) == wanted
-                     for line in s.body)
-
-
-class Memory:
-    """memory.md as the skeleton's sections plus any extra ones a human or agent added."""
-
-    def __init__(self, text: str) -> None:
-        self.bodies: dict[str, list[str]] = {_title_key(t): [] for _, t in SKELETON}
-        self.extra: dict[str, list[MemorySection]] = {"knowledge base": [], "end": []}
-        parent = "end"
-        known = set(self.bodies)
-        for section in parse_memory(text):
-            key = _title_key(section.title)
-            if key in known:
-                self.bodies[key] = list(section.body)
-                if section.level <= 2:
-                    parent = key if key == "knowledge base" else "end"
-            else:
-                self.extra["knowledge base" if parent == "knowledge base" and section.level == 3
-                           else "end"].append(section)
-                if section.level <= 2:
-                    parent = "end"
-        table = [line for line in self.bodies["regime table"] if line.strip()]
-        rows = [line for line in table if line not in REGIME_HEADER]
-        self.bodies["regime table"] = list(REGIME_HEADER) + rows
-
-    def add_unique(self, key: str, lines: Iterable[str]) -> None:
-        body = self.bodies[key]
-        for line in lines:
-            if line not in body:
-                body.append(line)
-
-    def cap(self) -> None:
-        """Drop the oldest lines of the long-running lists, then anything over the cap."""
-        caps = {"iterations": ITERATION_LINES_CAP, "observations": OBSERVATION_LINES_CAP,
-                "previous block summary": SUMMARY_LINES_CAP, "established principles":
-                LIST_SECTION_CAP, "do not retry": LIST_SECTION_CAP,
-                "open questions": LIST_SECTION_CAP}
-        for key, limit in caps.items():
-            self.bodies[key] = self.bodies[key][-limit:]
-        rows = self.bodies["regime table"][len(REGIME_HEADER):]
-        self.bodies["regime table"] = list(REGIME_HEADER) + rows[-LIST_SECTION_CAP:]
-        while len(self.render().splitlines()) > MEMORY_MAX_LINES:
-            extras = [s for group in self.extra.values() for s in group if s.body]
-            if extras:
-                max(extras, key=lambda s: len(s.body)).body.pop(0)
-                continue
-            longest = max((k for k in self.bodies if k != "regime table"),
-                          key=lambda k: len(self.bodies[k]))
-            if not self.bodies[longest]:
-                break
-            self.bodies[longest].pop(0)
-
-    def render(self) -> str:
-        out: list[str] = []
-
-        def emit(level: int, title: str, body: list[str]) -> None:
-            out.append(f"{'#' * level} {title}")
-            out.extend(body)
-            out.append("")
-
-        for level, title in SKELETON:
-            key = _title_key(title)
-            if key == "previous block summary":
-                for section in self.extra["knowledge base"]:
-                    emit(section.level, section.title, section.body)
-            emit(level, title, self.bodies[key] if level > 1 else [])
-        for section in self.extra["end"]:
-            emit(section.level, section.title, section.body)
-        return "\n".join(out).rstrip() + "\n"
+def cap_memory(memory: Memory) -> None:
+    """Drop the oldest lines of the long-running lists, then anything over the line cap:
+    first from the longest section a human or agent added, then from the longest list."""
+    for key, limit in SECTION_CAPS.items():
+        memory.set_body(key, memory.body(key)[-limit:])
+    rows = memory.body(REGIME_TABLE)[len(REGIME_HEADER):]
+    memory.set_body(REGIME_TABLE, [*REGIME_HEADER, *rows[-LIST_SECTION_CAP:]])
+    excess = memory.line_count() - MEMORY_MAX_LINES
+    while excess > 0:
+        extras = [s for s in memory.sections if not s.in_skeleton and s.body]
+        lists = [s for s in memory.sections if s.in_skeleton and s.key != REGIME_TABLE]
+        longest = max(extras or lists, key=lambda s: len(s.body))
+        if not longest.body:
+            break
+        longest.set_body(longest.body[1:])  # one line fewer: the section keeps its blank lines
+        excess -= 1
 
 
 def _config_summary(history: History, node: NodeSummary) -> str:
@@ -1072,16 +977,16 @@ def _status_word(node: NodeSummary) -> str:
     return quality_word(node.r2) if node.status == "done" else node.status
 
 
-LAST_PROPOSAL = "- Last proposal of the block: node "
-
-
 def _ran_in_block(history: History, block: int) -> list[NodeSummary]:
-    return sorted((n for n in history.context.nodes if n.block == block and n.status
-                   not in NOT_RUN), key=lambda n: n.id)
+    return [n for n in _block_nodes(history, block) if n.status not in NOT_RUN]
+
+
+def _block_nodes(history: History, block: int) -> list[NodeSummary]:
+    return sorted((n for n in history.context.nodes if n.block == block), key=lambda n: n.id)
 
 
 def has_regime_row(memory: Memory, block: int) -> bool:
-    return any(row.startswith(f"| {block} |") for row in memory.bodies["regime table"])
+    return any(row.startswith(f"| {block} |") for row in memory.body(REGIME_TABLE))
 
 
 def set_regime_row(history: History, memory: Memory, block: int) -> None:
@@ -1093,24 +998,54 @@ def set_regime_row(history: History, memory: Memory, block: int) -> None:
                f"{_config_summary(history, best)} | {quality_word(best.r2)} |")
     else:
         row = f"| {block} | {field_name} | {n_frames} | - | - | failed |"
-    rows = memory.bodies["regime table"]
+    rows = memory.body(REGIME_TABLE)
     index = next((i for i, r in enumerate(rows) if r.startswith(f"| {block} |")), None)
     if index is None:
         rows.append(row)
     else:
         rows[index] = row
+    memory.set_body(REGIME_TABLE, rows)
+
+
+def code_changes_line(history: History, block: int,
+                      last_proposal: tuple[int, str] | None = None) -> str:
+    """Every code change of the block, counted, with its outcome (`pending` until it ran),
+    the block's last proposal (node id, mutation) included."""
+    # A repair of the last iteration replaces its failed attempt: the proposal counts, not both.
+    replaced = last_proposal[0] if last_proposal is not None else None
+    changes = [f"node {n.id} {n.mutation} ({_status_word(n)})"
+               for n in _block_nodes(history, block) if n.code_changed and n.id != replaced]
+    if last_proposal is not None and template_of(last_proposal[1]) is not None:
+        changes.append(f"node {last_proposal[0]} {last_proposal[1]} (pending)")
+    if not changes:
+        return f"{CODE_CHANGES}: none."
+    shown = ", ".join(changes[:CODE_CHANGES_SHOWN])
+    more = len(changes) - CODE_CHANGES_SHOWN
+    return f"{CODE_CHANGES} ({len(changes)}): {shown}" + (f" and {more} more." if more > 0
+                                                          else ".")
 
 
 def settle_last_proposal(history: History, memory: Memory, block: int) -> None:
     """Next block's start: the previous block's last run has a result now; record it."""
     set_regime_row(history, memory, block)
-    summary = memory.bodies["previous block summary"]
+    summary = memory.body(PREVIOUS_BLOCK_SUMMARY)
     for index, line in enumerate(summary):
         match = re.match(re.escape(LAST_PROPOSAL) + r"(\d+)", line)
         node = history.by_id.get(int(match.group(1))) if match else None
         if node is not None and node.status not in NOT_RUN:
             summary[index] = (f"- Last run of the block: node {node.id}, "
                               f"{node.mutation or 'no change'} ({_status_word(node)}).")
+        elif line.startswith(CODE_CHANGES):
+            summary[index] = code_changes_line(history, block)
+    memory.set_body(PREVIOUS_BLOCK_SUMMARY, summary)
+
+
+def _compared_with_parent(history: History, label: str,
+                          changes: Iterable[tuple[float, NodeSummary]]) -> list[str]:
+    """`- {label}: node N, mutation (parent's word -> node's word)` for up to four nodes."""
+    return [f"- {label}: node {n.id}, {n.mutation or 'no change'} "
+            f"({_status_word(history.parent(n))} -> {_status_word(n)})"
+            for _, n in changes][:4]
 
 
 def compress_block(history: History, memory: Memory, block: int,
@@ -1163,31 +1098,27 @@ def compress_block(history: History, memory: Memory, block: int,
         "Strategies: " + ", ".join(f"{name} {count}" for name, count in sorted(strategies.items()))
         + ".",
     ]
-    helped = [f"- Worked: node {n.id}, {n.mutation or 'no change'} "
-              f"({_status_word(history.parent(n))} -> {_status_word(n)})"
-              for delta, n in worked if delta > LEVEL_R2_BAND][:4]
-    hurt = [f"- Did not work: node {n.id}, {n.mutation or 'no change'} "
-            f"({_status_word(history.parent(n))} -> {_status_word(n)})"
-            for delta, n in reversed(worked) if delta < -LEVEL_R2_BAND][:4]
+    helped = _compared_with_parent(history, "Worked", (
+        item for item in worked if item[0] > LEVEL_R2_BAND))
+    hurt = _compared_with_parent(history, "Did not work", (
+        item for item in reversed(worked) if item[0] < -LEVEL_R2_BAND))
     failed = [n for n in nodes if n.status in ("failed", "diverged")]
-    code = [n for n in nodes if n.code_changed]
     summary += helped or ["- Worked: no change beat its parent."]
     summary += hurt or ["- Did not work: no change fell below its parent."]
     summary.append("- Failed or diverged: " + (", ".join(
         f"node {n.id} ({n.mutation or 'no change'})" for n in failed[:3]) or "none") + ".")
-    summary.append("- Code changes: " + (", ".join(
-        f"node {n.id} {n.mutation} ({_status_word(n)})" for n in code[:3]) or "none") + ".")
+    summary.append(code_changes_line(history, block, last_proposal))
     if last_proposal is not None:
         summary.append(f"{LAST_PROPOSAL}{last_proposal[0]}, {last_proposal[1]} (its result "
                        f"opens block {block + 1}).")
-    memory.bodies["previous block summary"] = summary[:SUMMARY_LINES_CAP]
+    memory.set_body(PREVIOUS_BLOCK_SUMMARY, summary[:SUMMARY_LINES_CAP])
     next_from = f" from node {best.id} with its config" if best is not None else ""
-    memory.bodies["info"] = [
+    memory.set_body("info", [
         f"Next: block {block + 1}, same regime (field {field_name}, n_frames {n_frames})"
         f"{next_from}, so results stay comparable."
-    ]
-    for key in ("hypothesis", "iterations", "observations"):
-        memory.bodies[key] = []
+    ])
+    for key in ("hypothesis", ITERATIONS, "observations"):
+        memory.set_body(key, [])
 
 
 def compose_memory(history: History, plan: Plan, mutation: str,
@@ -1195,26 +1126,19 @@ def compose_memory(history: History, plan: Plan, mutation: str,
     """The whole new memory.md: the Knowledge Base kept, this iteration's line appended, the
     block compressed at its end."""
     context = history.context
-    memory = Memory(context.memory)
+    memory = Memory.parse(context.memory).conformed()
     previous = context.block - 1
     if context.iteration_in_block == 1 and previous >= 1:
         if has_regime_row(memory, previous):
             settle_last_proposal(history, memory, previous)
         else:  # the last block's end was never compressed (skipped or rejected)
             compress_block(history, memory, previous)
-    memory.add_unique("do not retry", (f"- {_one_line(note, 300)}" for note in do_not_retry))
+    memory.add_unique(DO_NOT_RETRY, (f"- {one_line(note, 300)}" for note in do_not_retry))
 
-    lines = []
-    for line in memory.bodies["iterations"]:
-        match = _ITERATION_LINE.match(line)
-        node = history.by_id.get(int(match.group(1))) if match else None
-        if node is not None and node.status not in NOT_RUN:
-            line = line[: -len("pending")] + _status_word(node)
-        lines.append(line)
-    parent = f"parent {plan.parent_id}" if plan.parent_id is not None else "root"
-    lines.append(f"- Node {context.iteration} ({parent}): {mutation} [{plan.strategy.value}] "
-                 "-> pending")
-    memory.bodies["iterations"] = lines
+    memory.settle_iterations({n.id: _status_word(n) for n in context.nodes
+                              if n.status not in NOT_RUN})
+    memory.append(ITERATIONS, iteration_line(context.iteration, plan.parent_id, mutation,
+                                             plan.strategy.value))
 
     latest = latest_node(history)
     observations = []
@@ -1229,13 +1153,13 @@ def compose_memory(history: History, plan: Plan, mutation: str,
     memory.add_unique("observations", observations)
 
     field_name, n_frames = history.regime(plan.parent_id)
-    memory.bodies["info"] = [
+    memory.set_body("info", [
         f"Block {context.block}, regime: field {field_name}, n_frames {n_frames}.",
         f"Iteration {context.iteration_in_block} of {context.block_size} in this block "
         f"(run iteration {context.iteration}).",
-    ]
-    memory.bodies["hypothesis"] = [plan.hypothesis]
+    ])
+    memory.set_body("hypothesis", [plan.hypothesis])
     if context.block_end:
         compress_block(history, memory, context.block, (context.iteration, mutation))
-    memory.cap()
-    return memory.render()
+    cap_memory(memory)
+    return memory.text()
