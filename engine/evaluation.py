@@ -30,8 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import Limits, Timeouts
+from engine.config import Exploration, Limits, Timeouts
 from engine.logs import strip_control
+from engine.paths import data_cache
 from engine.runner import (
     OutputCallback,
     Runner,
@@ -56,6 +57,16 @@ class EvaluationPlan:
     limits: Limits = Limits()
     hide: tuple[Path, ...] = ()  # key files: never visible to a step, even inside an exposed path
     device: str | None = None
+
+    @classmethod
+    def of(cls, exploration: Exploration, project_root: Path,
+           device: str | None = None) -> EvaluationPlan:
+        """The plan of a project's config: its harness, limits, the shared data cache, and
+        the Claude key file hidden."""
+        key_file = exploration.anthropic.key_file
+        return cls(harness=exploration.harness, data_cache=data_cache(project_root),
+                   timeouts=exploration.timeouts, limits=exploration.limits,
+                   hide=(Path(key_file).expanduser(),) if key_file else (), device=device)
 
 
 class _Evaluation:

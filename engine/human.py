@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine import events as ev
@@ -14,8 +15,8 @@ from engine.edits import EditError, validate_files
 from engine.proposal import CodeChange, Proposal, Strategy
 from engine.state import RunState
 from engine.tree import Tree
-from engine.vcs import Identity, VcsError, merge_texts
-from engine.watch import WORKSPACE, ManualEdit, ManualEdits
+from engine.vcs import Identity, VcsError, merge_texts, user_identity
+from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdit, ManualEdits
 
 REVERT, MANUAL_EDIT, PRE_EXISTING = "revert", "manual-edit", "pre-existing"
 
@@ -57,18 +58,51 @@ class HumanChange:
 class HumanRequests:
     """The queue of humans' nodes, and the checks that turn a request into one."""
 
-    def __init__(self, state: RunState, tree: Tree, manual: ManualEdits,
+    def __init__(self, state: RunState, tree: Tree, manual: ManualEdits, repo_path: Path,
                  editable: list[str], files_at: Callable[[int | None], dict[str, str]],
                  parent_config: Callable[[Any], dict[str, Any]],
-                 identity: Callable[[], Identity], publish: Callable[[ev.Event], None]):
+                 publish: Callable[[ev.Event], None]):
         self.state = state
         self.tree = tree
         self.manual = manual
+        self.repo_path = repo_path
         self.editable = editable
         self.files_at = files_at
         self.parent_config = parent_config
-        self.identity = identity
         self.publish = publish
+        self._identity: Identity | None = None
+
+    def identity(self) -> Identity:
+        """The human's name and email from git config (asked once)."""
+        if self._identity is None:
+            try:
+                self._identity = user_identity(self.repo_path)
+            except VcsError:
+                self._identity = Identity("human", "human@localhost")
+        return self._identity
+
+    def signature(self) -> str:
+        identity = self.identity()
+        return f"{identity.name} <{identity.email}>"
+
+    def watch(self, places: dict[str, Path],
+              on_edit: Callable[[str], None]) -> EditWatcher:
+        """Start watching the editable files in `places` (checkout, workspace); each human
+        edit is published, then `on_edit(path)` runs. Edits made while no engine watched
+        and edits still undecided from before are reported first."""
+        def changed(where: str, path: str, text: str) -> None:
+            edit = self.manual.observe(where, path, text)
+            if edit is not None:
+                self.publish(ev.ManualEditDetected(path, edit.diff, where))
+                on_edit(path)
+
+        watcher = EditWatcher(places, self.editable, changed,
+                              lambda message: self.publish(ev.EngineError(message)))
+        for edit in self.manual.pending():
+            self.publish(ev.ManualEditDetected(edit.path, edit.diff, edit.where))
+        watcher.check_now(CHECKOUT)
+        watcher.start()
+        return watcher
 
     def queue(self) -> list[HumanChange]:
         return [HumanChange.from_dict(item) for item in self.state.human_queue]

@@ -21,28 +21,30 @@ import errno
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 from engine import events as ev
-from engine.agents.base import Agent, AgentContext, AgentPaused, NodeSummary, Repair
+from engine.agent_view import AgentView
+from engine.agents.base import Agent, AgentPaused, Repair
+from engine.attempt import Attempt, Decision
+from engine.commits import NodeCommits
 from engine.config import ExperimentConfig
 from engine.evaluation import EvaluationPlan, evaluate
 from engine.human import REVERT, HumanChange, HumanRequests
+from engine.inbox import POLL_S, CommandInbox
 from engine.journal import Journal, JournalLost, RunEvent, Step
-from engine.logs import RunLogs, log_tail
-from engine.paths import RunPaths, data_cache
+from engine.logs import RunLogs
+from engine.paths import RunPaths
 from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
 from engine.proposals import (
-    Prepared,
     ProposalChecker,
     ProposalRejected,
-    config_changes,
     needs_review,
     review_of,
 )
+from engine.records import RunRecords, attempt_proposals, nodes_from_journal
 from engine.review import Review
 from engine.runner import ProcessIdentity, Runner, RunResult, RunStatus, kill_orphan, make_runner
 from engine.runner.sandbox import missing_layers
@@ -55,61 +57,18 @@ from engine.runs import (
     reopen_run,
 )
 from engine.state import RunState
-from engine.tree import Node, NodeStatus, ScoreRow, Tree, block_of, status_after_run
-from engine.vcs import Identity, Lineage, VcsError, change_counts, commit_message, user_identity
+from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
+from engine.vcs import Lineage, VcsError
 from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
 
 __all__ = ["Engine", "EngineError", "RunSettings"]
 
-COMMAND_POLL_S = 0.25
 
 def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return "disk is full" in str(exc) or "disk I/O error" in str(exc)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The review's outcome; `files` holds the human's edited version when they edited it;
-    `approver` is who decided ("name <email>"), for the commit's trailer."""
-
-    approved: bool
-    reason: str = ""
-    by: str = "policy"
-    files: dict[str, str] | None = None
-    approver: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"approved": self.approved, "reason": self.reason,
-                                  "by": self.by, "approver": self.approver}
-        if self.files is not None:
-            record |= {"edited": True, "files": self.files}
-        return record
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Decision:
-        return cls(data["approved"], data.get("reason", ""), data.get("by", "policy"),
-                   data.get("files"), data.get("approver", ""))
-
-
-@dataclass
-class Attempt:
-    """One attempt of an iteration as it moves from step to step."""
-
-    iteration: int
-    number: int
-    proposal: Proposal
-    human: HumanChange | None
-    prepared: Prepared | None = None
-    review: Review | None = None
-    decision: Decision | None = None
-
-    @property
-    def node(self) -> Node:
-        assert self.prepared is not None, "an attempt has a node once prepared"
-        return self.prepared.node
 
 
 class Engine:
@@ -139,21 +98,23 @@ class Engine:
         self.tree = Tree(block_size=self.exploration.block_size, score=self.exploration.score,
                          c=self.exploration.ucb_c)
         self.checker = ProposalChecker(self.config, self.tree, self._files_at)
-        self.humans = HumanRequests(self.state, self.tree, self.manual,
+        self.humans = HumanRequests(self.state, self.tree, self.manual, opened.repo.path,
                                     self.exploration.editable_files, self._files_at,
-                                    self.checker.parent_config, self._human_identity,
-                                    publish)
+                                    self.checker.parent_config, publish)
+        self.view = AgentView(self.config, self.project_root, self.tree, self.checker, self.logs,
+                              self.paths, self._files_at)
+        self.records = RunRecords(self.config, self.journal, self.logs, self.tree)
         self.runner = runner or make_runner(self.settings.runner)
-        self._commands: asyncio.Queue[ev.Command] = asyncio.Queue()
+        self.inbox = CommandInbox(self.journal, publish)
         self._stop_reason: str | None = None
         self._pause_reason: str | None = None  # held in memory too: a full disk may refuse it
         self._started_at = time.monotonic()
-        self._summary_cache: dict[int, NodeSummary] = {}
         self._reviewing: Attempt | None = None
-        self._human: Identity | None = None
-        self._resumed_at = self.journal.unfinished_iteration()
+        self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
+                                   agent.name, self.journal.unfinished_iteration())
         self._watcher: EditWatcher | None = None
-        self._rebuild_tree()
+        for node in nodes_from_journal(self.journal):  # an unfinished one is added on replay
+            self.tree.add(node)
 
     @classmethod
     def create(cls, project_root: Path, config: ExperimentConfig, settings: RunSettings,
@@ -179,37 +140,11 @@ class Engine:
     def close(self) -> None:
         self.journal.close()
 
-    def _rebuild_tree(self) -> None:
-        """The tree as the journal knows it: applied nodes, updated by their run results."""
-        unfinished = set(self.journal.unfinished_iterations())
-        for iteration in sorted(set(self.journal.completed_iterations()) | unfinished):
-            applied = self.journal.payload(iteration, Step.APPLIED)
-            if applied is None:
-                continue
-            finished = self.journal.payload(iteration, Step.RECORDED)
-            if finished is not None and finished.get("node"):
-                self.tree.add(Node.from_dict(finished["node"]))
-            elif iteration not in unfinished:
-                self.tree.add(Node.from_dict(applied["node"]))
-            # an unfinished iteration's node is added when the resume replays its step
-
     # -- commands ---------------------------------------------------------------------------
 
     def submit(self, command: ev.Command) -> None:
         """Give the engine a command from the same process (the TUI)."""
-        self._commands.put_nowait(command)
-
-    def _pending_commands(self) -> list[ev.Command]:
-        commands = []
-        while not self._commands.empty():
-            commands.append(self._commands.get_nowait())
-        for stored in self.journal.take_commands():
-            try:
-                commands.append(ev.command_from_payload({"kind": stored.kind, **stored.payload}))
-            except (KeyError, TypeError):
-                self.publish(ev.EngineError(f"ignored a command this engine cannot read "
-                                            f"('{stored.kind}')"))
-        return commands
+        self.inbox.put(command)
 
     def _dispatch(self, command: ev.Command) -> None:
         """Act on one command now; a decision binds only to the review waiting now."""
@@ -239,7 +174,7 @@ class Engine:
             self.publish(ev.EngineError(f"ignored the {what}: the one waiting is "
                                         f"{attempt.review.summary()}"))
             return
-        approver = command.by or self._human_text()
+        approver = command.by or self.humans.signature()
         if isinstance(command, ev.Reject):
             attempt.decision = Decision(False, command.reason, "human", approver=approver)
         elif isinstance(command, ev.Approve):
@@ -253,18 +188,8 @@ class Engine:
                 return
             attempt.decision = Decision(True, "edited", "human", dict(command.files), approver)
 
-    async def _next_command(self) -> ev.Command | None:
-        """Wait up to one poll interval for a command from any source."""
-        try:
-            return await asyncio.wait_for(self._commands.get(), COMMAND_POLL_S)
-        except TimeoutError:
-            pending = self._pending_commands()
-            for command in pending[1:]:
-                self._commands.put_nowait(command)
-            return pending[0] if pending else None
-
     def _drain_commands(self) -> None:
-        for command in self._pending_commands():
+        for command in self.inbox.take_all():
             self._dispatch(command)
 
     def _pause(self, reason: str) -> None:
@@ -298,30 +223,9 @@ class Engine:
         if self._pause_reason is None:
             self.publish(ev.Paused(reason))  # paused before a restart
         while self._paused_reason() is not None and self._stop_reason is None:
-            command = await self._next_command()
+            command = await self.inbox.next()
             if command is not None:
                 self._dispatch(command)
-
-    def _human_identity(self) -> Identity:
-        if self._human is None:
-            try:
-                self._human = user_identity(self.lineage.info.path)
-            except VcsError:
-                self._human = Identity("human", "human@localhost")
-        return self._human
-
-    def _human_text(self) -> str:
-        identity = self._human_identity()
-        return f"{identity.name} <{identity.email}>"
-
-    def _on_manual_change(self, where: str, path: str, text: str) -> None:
-        """The watcher saw a whitelisted file change: report a human edit, mark a pending
-        proposal on the same file stale. Nothing is overwritten either way."""
-        edit = self.manual.observe(where, path, text)
-        if edit is None:
-            return
-        self.publish(ev.ManualEditDetected(path, edit.diff, where))
-        self._mark_stale(path)
 
     def _mark_stale(self, path: str) -> None:
         attempt = self._reviewing
@@ -343,7 +247,11 @@ class Engine:
         self.state.sandbox_missing = missing  # attached viewers show it too
         self.publish(ev.RunOpened(self.settings.name, str(self.run_dir), self.settings.iterations,
                                   resumed_at=unfinished, sandbox_missing=missing))
-        watcher = self._watcher = self._start_watcher()
+        watcher = None
+        if self.settings.watch_edits:
+            self.paths.workspace.mkdir(parents=True, exist_ok=True)
+            watcher = self._watcher = self.humans.watch(
+                {CHECKOUT: self.project_root, WORKSPACE: self.paths.workspace}, self._mark_stale)
         journal_lost = False
         try:
             await self._kill_orphaned_run()
@@ -379,24 +287,10 @@ class Engine:
         finished = ev.RunFinished(reason, best.id if best else None,
                                   best.metrics.get("final_r2") if best else None)
         if not journal_lost:
-            self._flush_analysis(next_parent=None, analysis="")
+            self.records.flush_analysis(next_parent=None, analysis="")
             self.journal.append_run_event(RunEvent.STOPPED, {"reason": reason})
         self.publish(finished)
         return finished
-
-    def _start_watcher(self) -> EditWatcher | None:
-        if not self.settings.watch_edits:
-            return None
-        self.paths.workspace.mkdir(parents=True, exist_ok=True)
-        watcher = EditWatcher(
-            {CHECKOUT: self.project_root, WORKSPACE: self.paths.workspace},
-            self.exploration.editable_files, self._on_manual_change,
-            lambda message: self.publish(ev.EngineError(message)))
-        for edit in self.manual.pending():  # still waiting for a decision from before
-            self.publish(ev.ManualEditDetected(edit.path, edit.diff, edit.where))
-        watcher.check_now(CHECKOUT)  # edits made while no engine watched
-        watcher.start()
-        return watcher
 
     def _stop_condition(self, iteration: int) -> str | None:
         if self._stop_reason is not None:
@@ -425,7 +319,7 @@ class Engine:
         block = block_of(iteration, self.exploration.block_size)
         self.journal.append(iteration, Step.STARTED, {"block": block})
         if (iteration - 1) % self.exploration.block_size == 0:
-            self.logs.snapshot_protocol(block, self._instructions())
+            self.logs.snapshot_protocol(block, self.view.instructions())
         self.publish(ev.IterationStarted(iteration, block, self.settings.iterations))
         number = self._resume_attempt(iteration)
         rejections: list[str] = []
@@ -443,7 +337,7 @@ class Engine:
                 invalid_tries += 1
                 self._refuse(attempt, exc, invalid_tries)
                 if attempt.human is not None or invalid_tries > self.exploration.repair_attempts:
-                    self._skip(attempt, f"invalid proposal: {exc}")
+                    self._skip(iteration, attempt.number, f"invalid proposal: {exc}")
                     return
                 repair = Repair(invalid_tries, self.exploration.repair_attempts,
                                 attempt.proposal, str(exc))
@@ -462,7 +356,7 @@ class Engine:
                 node = self._apply(attempt)
             except (ProposalRejected, VcsError, OSError) as exc:
                 self.publish(ev.EngineError(f"iteration {iteration}: {exc}"))
-                self._skip(attempt, f"could not apply: {exc}")
+                self._skip(iteration, attempt.number, f"could not apply: {exc}")
                 return
             result = await self._run(attempt, node)
             if result.status is RunStatus.STOPPED:
@@ -475,7 +369,7 @@ class Engine:
 
     def _repair_for(self, attempt: Attempt, node: Node, result: RunResult) -> Repair | None:
         """A repair request when the agent's code change failed and repairs are left."""
-        used = sum(1 for p in self._attempt_proposals(attempt.iteration)
+        used = sum(1 for p in attempt_proposals(self.journal, attempt.iteration)
                    if p.strategy == Strategy.REPAIR)
         if (node.status is NodeStatus.DONE or attempt.human is not None
                 or not node.code_changed or used >= self.exploration.repair_attempts):
@@ -493,21 +387,13 @@ class Engine:
                             attempt=attempt.number)
         self.publish(ev.ProposalInvalid(attempt.iteration, str(exc), tries))
         if review.policy_violation:
-            violations = self.state.policy_violations
-            seen = [(v.get("iteration"), v.get("attempt")) for v in violations]
-            if (attempt.iteration, attempt.number) not in seen:
-                self.state.policy_violations = [*violations, {
-                    "iteration": attempt.iteration, "attempt": attempt.number,
-                    "error": str(exc), "at": time.time()}]
+            self.state.record_policy_violation(attempt.iteration, attempt.number, str(exc),
+                                               time.time())
             self.publish(ev.PolicyViolation(attempt.iteration, str(exc)))
 
     def _resume_attempt(self, iteration: int) -> int:
         events = [e for e in self.journal.events(iteration) if e.step != "agent_exchange"]
         return max((e.attempt for e in events), default=0)
-
-    def _attempt_proposals(self, iteration: int) -> list[Proposal]:
-        return [Proposal.model_validate(e.payload["proposal"])
-                for e in self.journal.events(iteration) if e.step == Step.PROPOSAL_STORED]
 
     # -- propose ----------------------------------------------------------------------------
 
@@ -529,17 +415,16 @@ class Engine:
                                 {"proposal": proposal.model_dump(mode="json"), "cost_usd": 0.0,
                                  "human": human.to_dict()}, attempt=number)
             self.humans.dequeue(human.request_id)
-            self._flush_analysis(next_parent=proposal.parent_id, analysis="")
+            self.records.flush_analysis(next_parent=proposal.parent_id, analysis="")
             return Attempt(iteration, number, proposal, human)
-        context = self._context(iteration, number, repair, rejections)
+        context = self.view.context(iteration, number, repair, rejections)
         try:
             reply = await self.agent.propose(context)
         except AgentPaused as exc:  # spend limit, budget cap, API unreachable: wait for a human
             self._pause(exc.reason)
             return None
         except Exception as exc:  # an agent failure skips the iteration, never the run
-            self._skip_iteration(iteration, number,
-                                 f"agent failed: {type(exc).__name__}: {exc}")
+            self._skip(iteration, number, f"agent failed: {type(exc).__name__}: {exc}")
             return None
         proposal = reply.proposal
         self.logs.append_reasoning(iteration, reply.reasoning or proposal.analysis,
@@ -548,69 +433,10 @@ class Engine:
                             {"proposal": proposal.model_dump(mode="json"),
                              "cost_usd": reply.cost_usd}, attempt=number)
         if reply.cost_usd:
-            total = (self.journal.state("agent_cost") or {}).get("usd_total", reply.cost_usd)
-            self.publish(ev.AgentCost(iteration, reply.cost_usd, total))
-        self._flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
+            total = self.state.agent_spent_usd
+            self.publish(ev.AgentCost(iteration, reply.cost_usd, total or reply.cost_usd))
+        self.records.flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
         return Attempt(iteration, number, proposal, None)
-
-    def _context(self, iteration: int, attempt: int, repair: Repair | None,
-                 rejections: list[str]) -> AgentContext:
-        size = self.exploration.block_size
-        candidate_rows = self.tree.candidates(iteration)
-        score_table = self.tree.render_score_table(iteration)
-        self.logs.write_scores(score_table)
-        latest = max((node.id for node in self.tree), default=None)
-        log = self.paths.training_log(latest) if latest is not None else None
-        return AgentContext(
-            iteration=iteration,
-            block=block_of(iteration, size),
-            iteration_in_block=(iteration - 1) % size + 1,
-            block_size=size,
-            block_end=iteration % size == 0,
-            instructions=self._instructions(),
-            memory=self.logs.read_memory(),
-            score_table=score_table,
-            config=self.config,
-            nodes=self._summaries(iteration, candidate_rows),
-            candidates=tuple(row.node_id for row in candidate_rows),
-            latest_log_tail=log_tail(log) if log is not None and log.exists() else "",
-            rejections=tuple(rejections),
-            repair=repair,
-            read_file=lambda node_id, path: self._files_at(node_id).get(path, ""),
-            attempt=attempt,
-        )
-
-    def _summaries(self, iteration: int, candidate_rows: list[ScoreRow]) -> tuple[NodeSummary, ...]:
-        """Every node as the agent sees it. Scores exist for the current block and the
-        candidates; other summaries only change with their node's status, so they are kept."""
-        scores = {row.node_id: row.score for row in self.tree.rows(iteration)}
-        scores.update((row.node_id, row.score) for row in candidate_rows)
-        summaries = []
-        for node in self.tree:
-            kept = self._summary_cache.get(node.id)
-            if node.id in scores or kept is None or kept.status != node.status:
-                kept = self._summary(node, scores.get(node.id) if node.finished else None)
-                if node.id not in scores:
-                    self._summary_cache[node.id] = kept
-            summaries.append(kept)
-        return tuple(summaries)
-
-    def _summary(self, node: Node, score: float | None) -> NodeSummary:
-        changes = {key: new for key, (_, new) in
-                   config_changes(self.checker.parent_config(node), node.config).items()}
-        return NodeSummary(
-            id=node.id, parent_id=node.parent_id, block=node.block, status=str(node.status),
-            strategy=node.strategy, mutation=node.mutation, code_changed=node.code_changed,
-            config_changes=changes, config=node.config, metrics=dict(node.metrics),
-            score=score,
-        )
-
-    def _instructions(self) -> str:
-        path = self.project_root / self.exploration.instructions
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError:
-            return ""
 
     def _commit_of(self, node_id: int | None) -> str:
         """The commit whose code a node runs (the base for the root)."""
@@ -668,7 +494,7 @@ class Engine:
             while attempt.decision is None:
                 if self._stop_reason is not None:
                     return Decision(False, self._stop_reason, "stop")
-                command = await self._next_command()
+                command = await self.inbox.next()
                 if command is not None:
                     self._dispatch(command)
             return attempt.decision
@@ -684,91 +510,28 @@ class Engine:
         stored = self.journal.payload(iteration, Step.APPLIED, number)
         if stored is not None:
             node = Node.from_dict(stored["node"])
-            self._put_node(node)
+            self.tree.put(node)
+            self.view.forget(node.id)
             return node
         node = attempt.node
         parent_commit = self._commit_of(node.parent_id)
         if node.code_changed:
-            node = replace(node, commit=self._commit(attempt, parent_commit))
+            node = replace(node, commit=self.commits.commit(attempt, parent_commit))
             self.publish(ev.CodeCommitted(iteration, node.commit or ""))
         else:
             node = replace(node, commit=parent_commit)
         assert attempt.prepared is not None
-        if attempt.decision is not None and attempt.decision.files is not None:
-            # the review wrote the proposal's diff; the human's version replaces it
+        if attempt.edited:  # the review wrote the proposal's diff; the human's replaces it
             self.logs.write_change(iteration, attempt.prepared.diff,
                                    attempt.prepared.config_diff)
         if attempt.proposal.memory:
-            self.logs.rewrite_memory(attempt.proposal.memory)
-            for note in self.state.do_not_retry:
-                self.logs.add_do_not_retry(note)  # the agent may not drop proctor's notes
-        self._put_node(node)
+            self.records.memory_rewritten(attempt.proposal.memory)
+        self.tree.put(node)
+        self.view.forget(node.id)
         self.journal.append(iteration, Step.APPLIED, {"node": node.to_dict()}, attempt=number)
         if attempt.human is not None and attempt.human.kind == REVERT:
             self.publish(ev.NodeReverted(iteration, attempt.human.reverted_id or 0, node.commit))
         return node
-
-    def _commit(self, attempt: Attempt, parent_commit: str) -> str:
-        """The node's commit; after a crash mid-commit the refs name it if it got that far
-        (if not, committing again makes the identical commit: its dates are fixed)."""
-        iteration, number = attempt.iteration, attempt.number
-        if iteration == self._resumed_at:
-            commit = self.lineage.node_attempt_commit(iteration, number)
-            if commit is not None:
-                return commit
-        assert attempt.prepared is not None
-        files = attempt.prepared.files
-        before = self.code.files_at_commit(parent_commit)
-        changed = {path: text for path, text in files.items() if before[path] != text}
-        human = attempt.human
-        author = Identity(**human.author) if human is not None and human.author else \
-            Identity(f"proctor {self.agent.name} agent", "proctor@localhost")
-        commit = self.lineage.commit_files(parent_commit, changed,
-                                           self._commit_message(attempt, before, files),
-                                           author, self._proposal_time(iteration, number))
-        self.lineage.record_node(iteration, number, commit)
-        return commit
-
-    def _put_node(self, node: Node) -> None:
-        """Add an applied node, or refresh it for a later attempt of its iteration."""
-        if node.id not in self.tree:
-            self.tree.add(node)
-            return
-        current = self.tree.get(node.id)  # a repair: same id and parent, new code or config
-        current.status = NodeStatus.PENDING
-        current.config, current.commit = node.config, node.commit
-        current.code_changed, current.mutation = node.code_changed, node.mutation
-        current.strategy, current.author = node.strategy, node.author
-        self._summary_cache.pop(node.id, None)
-
-    def _proposal_time(self, iteration: int, attempt: int) -> float:
-        """When this attempt's proposal was stored: the commit's fixed date."""
-        for event in self.journal.events(iteration):
-            if event.step == Step.PROPOSAL_STORED and event.attempt == attempt:
-                return event.created_at
-        return time.time()
-
-    def _commit_message(self, attempt: Attempt, before: dict[str, str],
-                        after: dict[str, str]) -> str:
-        proposal, human, decision = attempt.proposal, attempt.human, attempt.decision
-        code = proposal.code_change
-        if human is not None:
-            title = human.title
-        elif code is not None:
-            where = f" in {code.function}" if code.function and code.function != "module" \
-                else ""
-            title = f"{code.change}{where} ({code.file})"
-        else:
-            title = proposal.mutation or "code change"
-        hypothesis = proposal.hypothesis
-        edited = decision is not None and decision.files is not None
-        if edited:
-            hypothesis = (hypothesis + " " if hypothesis else "") + \
-                "(edited by a human before approval)"
-        approver = decision.approver if decision is not None and decision.by == "human" \
-            and human is None else None
-        return commit_message(attempt.iteration, title, hypothesis, change_counts(before, after),
-                              self.settings.name, attempt.iteration, approved_by=approver)
 
     async def _run(self, attempt: Attempt, node: Node) -> RunResult:
         iteration, number = attempt.iteration, attempt.number
@@ -805,7 +568,8 @@ class Engine:
         watcher = asyncio.create_task(self._watch_during_run())
         try:
             result = await evaluate(
-                self.runner, self._evaluation_plan(), self.paths.sandbox,
+                self.runner, EvaluationPlan.of(self.exploration, self.project_root),
+                self.paths.sandbox,
                 lambda folder: self.code.materialise(commit, folder),
                 config_path.read_text(encoding="utf-8"), self.paths.training_log(iteration),
                 seed=self.exploration.seed, on_output=output, on_started=started)
@@ -817,20 +581,10 @@ class Engine:
                                 attempt=number)
         return result
 
-    def _evaluation_plan(self) -> EvaluationPlan:
-        key_file = self.exploration.anthropic.key_file
-        return EvaluationPlan(
-            harness=self.exploration.harness,
-            data_cache=data_cache(self.project_root),
-            timeouts=self.exploration.timeouts,
-            limits=self.exploration.limits,
-            hide=(Path(key_file).expanduser(),) if key_file else (),
-        )
-
     async def _watch_during_run(self) -> None:
         """Act on commands while a training run is going; a stop ends the run."""
         while True:
-            await asyncio.sleep(COMMAND_POLL_S)
+            await asyncio.sleep(POLL_S)
             self._drain_commands()
             if self._stop_reason is not None:
                 await self.runner.stop_current()
@@ -842,13 +596,9 @@ class Engine:
         finished = self.tree.get(iteration)
         self.logs.write_metrics(finished, result.error, run=result.to_dict())
         best = self.tree.best_node()
-        if best is not None and best.commit is not None:
-            try:
-                warning = self.lineage.set_best(best.commit)
-            except VcsError as exc:
-                warning = f"could not move the best-node branch: {exc}"
-            if warning:
-                self.publish(ev.EngineError(warning))
+        warning = self.commits.move_best(best.commit if best is not None else None)
+        if warning:
+            self.publish(ev.EngineError(warning))
         self.publish(ev.NodeFinished(
             iteration, iteration, str(status), dict(result.metrics), result.error,
             best.metrics.get("final_r2") if best else None,
@@ -856,42 +606,11 @@ class Engine:
         return finished
 
     def _record(self, attempt: Attempt, node: Node, result: RunResult) -> None:
-        iteration, proposal = attempt.iteration, attempt.proposal
-        if node.status is not NodeStatus.DONE and node.code_changed and attempt.human is None:
-            change = proposal.code_change.change if proposal.code_change else proposal.mutation
-            detail = result.error.splitlines()[0] if result.error else "no detail"
-            note = f"node {iteration}: {change} ({result.status.value}: {detail})"
-            notes = self.state.do_not_retry
-            if note not in notes:
-                self.state.do_not_retry = [*notes, note]
-            self.logs.add_do_not_retry(note)
-        pending = self.state.unlogged
-        if iteration not in pending:
-            self.state.unlogged = [*pending, iteration]
-        self.logs.write_scores(self.tree.render_score_table(iteration + 1))
-        if iteration % self.exploration.block_size == 0:
-            self.logs.snapshot_memory(block_of(iteration, self.exploration.block_size))
-        self.journal.append(iteration, Step.RECORDED, {"node": node.to_dict()},
+        self.records.node_finished(node, attempt.proposal, attempt.human is None, result)
+        self.journal.append(attempt.iteration, Step.RECORDED, {"node": node.to_dict()},
                             attempt=attempt.number)
 
-    def _skip(self, attempt: Attempt, reason: str) -> None:
-        self._skip_iteration(attempt.iteration, attempt.number, reason)
-
-    def _skip_iteration(self, iteration: int, number: int, reason: str) -> None:
+    def _skip(self, iteration: int, number: int, reason: str) -> None:
         self.journal.append(iteration, Step.RECORDED, {"node": None, "skipped": reason},
                             attempt=number)
         self.publish(ev.IterationSkipped(iteration, reason))
-
-    def _flush_analysis(self, next_parent: int | None, analysis: str) -> None:
-        """Write the analysis entries of nodes finished since the last proposal."""
-        pending = self.state.unlogged
-        keys = list(self.exploration.search_space)
-        while pending:
-            node_id = pending[0]
-            node = self.tree.get(node_id)
-            parent = self.tree.get(node.parent_id) if node.parent_id is not None else None
-            proposal = self._attempt_proposals(node_id)[-1]
-            entry = self.logs.format_entry(node, proposal, parent, next_parent, analysis, keys)
-            self.logs.append_analysis(entry, node_id)
-            pending.pop(0)
-            self.state.unlogged = pending

@@ -17,6 +17,8 @@ POLICY_VIOLATIONS = "policy_violations"
 SANDBOX_MISSING = "sandbox_missing"
 DO_NOT_RETRY = "do_not_retry"
 UNLOGGED = "unlogged"
+AGENT_COST = "agent_cost"  # the Claude agent's ledger: calls, usage, usd_total
+AGENT_BUDGET = "agent_budget_usd"  # a human's raised budget, over the config's
 
 
 class RunState:
@@ -106,3 +108,20 @@ class RunState:
     @unlogged.setter
     def unlogged(self, node_ids: list[int]) -> None:
         self._set_list(UNLOGGED, node_ids)
+
+    @property
+    def agent_spent_usd(self) -> float | None:
+        """What the agent has spent on this run so far (None: it keeps no ledger)."""
+        ledger = self.journal.state(AGENT_COST)
+        if not isinstance(ledger, dict):
+            return None
+        return float(ledger.get("usd_total", 0.0))
+
+    def record_policy_violation(self, iteration: int, attempt: int, error: str,
+                                at: float) -> None:
+        """An edit that tried to leave the whitelist (once per attempt)."""
+        violations = self.policy_violations
+        if (iteration, attempt) not in [(v.get("iteration"), v.get("attempt"))
+                                        for v in violations]:
+            self.policy_violations = [*violations, {"iteration": iteration, "attempt": attempt,
+                                                    "error": error, "at": at}]

@@ -204,6 +204,18 @@ class Tree:
             ancestor = self._nodes[ancestor].parent_id
         return node
 
+    def put(self, node: Node) -> Node:
+        """Add a node, or replace what a later attempt of its iteration changes (a repair
+        keeps the id and parent; its code, config and strategy are new, its result not yet)."""
+        if node.id not in self._nodes:
+            return self.add(node)
+        current = self._nodes[node.id]
+        current.status, current.metrics = NodeStatus.PENDING, {}
+        current.config, current.commit = node.config, node.commit
+        current.code_changed, current.mutation = node.code_changed, node.mutation
+        current.strategy, current.author = node.strategy, node.author
+        return current
+
     def update(
         self,
         node_id: int,

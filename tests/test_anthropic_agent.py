@@ -31,8 +31,6 @@ from fake_anthropic import (
 
 from engine.agents import AgentUnavailable, make_agent
 from engine.agents.anthropic import (
-    BUDGET_STATE,
-    COST_STATE,
     LAST_TURN,
     NO_TOOL_CALL,
     AnthropicAgent,
@@ -43,6 +41,7 @@ from engine.config import ConfigError, Prices, load_config
 from engine.journal import Journal
 from engine.loop import Engine, RunSettings
 from engine.proposal import Strategy
+from engine.state import AGENT_BUDGET, AGENT_COST
 
 HERE = Path(__file__).resolve().parent
 FAKE_PROJECT = HERE / "fakeproject"
@@ -199,7 +198,7 @@ async def test_engine_runs_iterations_with_claude_tool_use(fake, tmp_path, api_k
         keys = _exchange_keys(journal)
         for turn in ("1/0/0", "1/0/1", "2/0/0", "2/0/1"):
             assert f"{turn}/request" in keys and f"{turn}/response" in keys
-        ledger = journal.state(COST_STATE)
+        ledger = journal.state(AGENT_COST)
         stored_costs = [e.payload["cost_usd"] for e in journal.events()
                         if e.step == "proposal_stored"]
     assert engine.tree.get(2).config["training"]["learning_rate"] == pytest.approx(3e-5)
@@ -240,7 +239,7 @@ async def test_transient_faults_are_retried_with_one_billed_success(
     reply = await agent.propose(context(agent.config))
     assert reply.proposal.strategy is Strategy.BASELINE
     assert len(fake.requests) == 2 and fake.billed == 1
-    assert journal.state(COST_STATE)["calls"] == 1
+    assert journal.state(AGENT_COST)["calls"] == 1
     assert responses(journal) == ["1/0/0/response"]
     assert reply.cost_usd == pytest.approx(costs(fake))
 
@@ -255,7 +254,7 @@ async def test_overload_mid_stream_retries_the_whole_request(
     assert reply.proposal.analysis == "the complete answer"
     assert "PARTIAL-THOUGHT" not in reply.reasoning  # the partial output was discarded
     assert len(fake.requests) == 2 and fake.billed == 1
-    assert journal.state(COST_STATE)["calls"] == 1
+    assert journal.state(AGENT_COST)["calls"] == 1
     faults = [key for key in _exchange_keys(journal) if "/fault/" in key]
     assert len(faults) == 1
     stored = journal.exchange(faults[0])["fault"]
@@ -269,7 +268,7 @@ async def test_dropped_stream_then_persistent_overload_pauses_as_unreachable(
               message(text("y"), error_after_events=2))
     with pytest.raises(AgentPaused, match="mid-stream 2 times"):
         await agent.propose(context(agent.config))
-    assert fake.billed == 0 and journal.state(COST_STATE) is None
+    assert fake.billed == 0 and journal.state(AGENT_COST) is None
 
 
 async def test_spend_limit_pauses_at_once_without_retrying(make, fake, tmp_path, journal, api_key):
@@ -291,7 +290,7 @@ async def test_budget_cap_pauses_before_the_request_and_a_raised_budget_resumes(
     with pytest.raises(AgentPaused, match="budget"):
         await agent.propose(context(agent.config, iteration=2, nodes=(node(1),)))
     assert len(fake.requests) == 1  # nothing was sent over the budget
-    journal.set_state(BUDGET_STATE, 10.0)  # a human raises it
+    journal.set_state(AGENT_BUDGET, 10.0)  # a human raises it
     fake.then(submit(parent_id=1, strategy="exploit"))
     reply = await agent.propose(context(agent.config, iteration=2, nodes=(node(1),)))
     assert reply.proposal.parent_id == 1
@@ -345,7 +344,7 @@ async def test_malformed_answers_give_up_after_the_reasks_with_the_raw_answer_st
     assert raised.value.raw["content"]
     assert responses(journal) == ["1/0/0/response", "1/0/1/response"]
     assert journal.exchange("1/0/1/response")["message"] == raised.value.raw
-    assert fake.billed == 2 == journal.state(COST_STATE)["calls"]
+    assert fake.billed == 2 == journal.state(AGENT_COST)["calls"]
 
 
 async def test_a_conversation_without_submit_ends_within_max_turns(
@@ -397,8 +396,8 @@ async def test_resume_reuses_stored_answers_without_a_new_request(
     again = await make(config, journal, api_key).propose(context(config))
     assert again.proposal == reply.proposal
     assert len(fake.requests) == 3
-    assert journal.state(COST_STATE)["calls"] == 2
-    assert journal.state(COST_STATE)["usd_total"] == pytest.approx(costs(fake))
+    assert journal.state(AGENT_COST)["calls"] == 2
+    assert journal.state(AGENT_COST)["usd_total"] == pytest.approx(costs(fake))
 
 
 # -- the prompt ---------------------------------------------------------------------------------

@@ -37,12 +37,11 @@ from engine.agents.claude_prompt import (
 from engine.apikey import load_api_key, redact
 from engine.config import ExperimentConfig, Prices
 from engine.proposal import Proposal
+from engine.state import AGENT_BUDGET, AGENT_COST
 
 if TYPE_CHECKING:
     from engine.journal import Journal
 
-COST_STATE = "agent_cost"  # journal state: the run's accumulated usage and spend
-BUDGET_STATE = "agent_budget_usd"  # journal state: a human's raised budget, overrides config
 PROPOSAL_STEP = "proposal_stored"
 
 TRUNCATED = (
@@ -311,7 +310,7 @@ class AnthropicAgent:
     def _load_ledger(self) -> Ledger:
         if self._journal is None:
             return self._ledger
-        return Ledger.from_state(self._journal.state(COST_STATE))
+        return Ledger.from_state(self._journal.state(AGENT_COST))
 
     def _account(self, record: dict[str, Any]) -> float:
         """Add a stored response's cost to the run's total once (a reused one may already be
@@ -321,13 +320,13 @@ class AnthropicAgent:
         if int(record.get("call", 0)) > ledger.calls:
             ledger.add(Usage(**record.get("usage", {})), usd)
             if self._journal is not None:
-                self._journal.set_state(COST_STATE, ledger.to_state())
+                self._journal.set_state(AGENT_COST, ledger.to_state())
         return usd
 
     def budget_usd(self) -> float | None:
         """The run's cap: a human's override in the journal, else the config's."""
         if self._journal is not None:
-            override = self._journal.state(BUDGET_STATE)
+            override = self._journal.state(AGENT_BUDGET)
             if override is not None:
                 return float(override)
         return self.settings.budget_usd

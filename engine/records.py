@@ -1,0 +1,85 @@
+"""What a finished iteration leaves in the run folder: the analysis entries, proctor's own
+do-not-retry notes in memory.md, the score table and the block's memory snapshot."""
+
+from __future__ import annotations
+
+from engine.config import ExperimentConfig
+from engine.journal import Journal, Step
+from engine.logs import RunLogs
+from engine.proposal import Proposal
+from engine.runner import RunResult
+from engine.state import RunState
+from engine.tree import Node, NodeStatus, Tree, block_of
+
+
+def nodes_from_journal(journal: Journal, *, unfinished: bool = False) -> list[Node]:
+    """The nodes the journal records, in order: finished ones as recorded; with
+    `unfinished`, also the applied node of an iteration still going."""
+    going = set(journal.unfinished_iterations())
+    nodes = []
+    for iteration in sorted(set(journal.completed_iterations()) | going):
+        recorded = journal.payload(iteration, Step.RECORDED)
+        if recorded is not None and recorded.get("node"):
+            nodes.append(Node.from_dict(recorded["node"]))
+        elif unfinished and iteration in going:
+            applied = journal.payload(iteration, Step.APPLIED)
+            if applied is not None:
+                nodes.append(Node.from_dict(applied["node"]))
+    return nodes
+
+
+def attempt_proposals(journal: Journal, iteration: int) -> list[Proposal]:
+    """The proposals of an iteration's attempts, in order."""
+    return [Proposal.model_validate(e.payload["proposal"])
+            for e in journal.events(iteration) if e.step == Step.PROPOSAL_STORED]
+
+
+class RunRecords:
+    """Writes the records of finished nodes (each write is repeatable after a crash)."""
+
+    def __init__(self, config: ExperimentConfig, journal: Journal, logs: RunLogs, tree: Tree):
+        self.exploration = config.exploration
+        self.journal = journal
+        self.state = RunState(journal)
+        self.logs = logs
+        self.tree = tree
+
+    def node_finished(self, node: Node, proposal: Proposal, by_agent: bool,
+                      result: RunResult) -> None:
+        """A node's outcome: a failed code change of the agent's becomes a note it may not
+        drop; the analysis entry waits for the next proposal's analysis of it."""
+        iteration = node.id
+        if node.status is not NodeStatus.DONE and node.code_changed and by_agent:
+            change = proposal.code_change.change if proposal.code_change else proposal.mutation
+            detail = result.error.splitlines()[0] if result.error else "no detail"
+            note = f"node {iteration}: {change} ({result.status.value}: {detail})"
+            notes = self.state.do_not_retry
+            if note not in notes:
+                self.state.do_not_retry = [*notes, note]
+            self.logs.add_do_not_retry(note)
+        pending = self.state.unlogged
+        if iteration not in pending:
+            self.state.unlogged = [*pending, iteration]
+        self.logs.write_scores(self.tree.render_score_table(iteration + 1))
+        if iteration % self.exploration.block_size == 0:
+            self.logs.snapshot_memory(block_of(iteration, self.exploration.block_size))
+
+    def memory_rewritten(self, text: str) -> None:
+        """The agent's new memory.md, with proctor's do-not-retry notes put back."""
+        self.logs.rewrite_memory(text)
+        for note in self.state.do_not_retry:
+            self.logs.add_do_not_retry(note)
+
+    def flush_analysis(self, next_parent: int | None, analysis: str) -> None:
+        """Write the analysis entries of nodes finished since the last proposal."""
+        pending = self.state.unlogged
+        keys = list(self.exploration.search_space)
+        while pending:
+            node_id = pending[0]
+            node = self.tree.get(node_id)
+            parent = self.tree.get(node.parent_id) if node.parent_id is not None else None
+            proposal = attempt_proposals(self.journal, node_id)[-1]
+            entry = self.logs.format_entry(node, proposal, parent, next_parent, analysis, keys)
+            self.logs.append_analysis(entry, node_id)
+            pending.pop(0)
+            self.state.unlogged = pending
