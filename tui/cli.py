@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         from engine.logs import strip_control
 
-        print(f"proctor: {strip_control(str(exc))}", file=sys.stderr)
+        _complain(strip_control(str(exc)))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("proctor: interrupted", file=sys.stderr)
+        _complain("interrupted")
         return 130
     except BrokenPipeError:
         from engine.headless import discard_output, reader_gone
@@ -184,6 +184,17 @@ def main(argv: list[str] | None = None) -> int:
             raise  # some other pipe broke: that is a real error
         discard_output(sys.stdout)  # `proctor ... | head`: end quietly
         return EXIT_READER_GONE
+
+
+def _complain(text: str) -> None:
+    """One line on stderr; when stderr cannot take it (a detached engine's output file on a
+    full disk) the exit code still says what happened."""
+    try:
+        print(f"proctor: {text}", file=sys.stderr, flush=True)
+    except OSError:
+        from engine.headless import discard_output
+
+        discard_output(sys.stderr)
 
 
 if __name__ == "__main__":

@@ -270,12 +270,25 @@ def _await_record(paths: RunPaths, process, out, out_path: str) -> None:
             tail = out.read().decode(errors="replace").strip().splitlines()[-15:]
             if process.returncode == 2 and len(tail) == 1:  # the engine's one-line refusal
                 raise UsageError(tail[0].removeprefix("proctor: "))
+            if not tail:
+                raise UsageError(f"cannot create run '{paths.name}': the engine stopped at once "
+                                 f"(exit code {process.returncode}) and could not write why"
+                                 + _no_space(paths.run_dir.parent))
             raise UsageError(f"the engine stopped at once (exit code {process.returncode}):\n"
                              + "\n".join(tail))
         if time.monotonic() > deadline:
             raise UsageError(f"the engine (pid {process.pid}) did not record the run within "
                              f"{DETACH_START_S:.0f} s; its output goes to {out_path}")
         time.sleep(0.1)
+
+
+def _no_space(folder: Path) -> str:
+    """`: no space left on the device of FOLDER` when that is so, else ''."""
+    try:
+        full = os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return ""
+    return f": no space left on the device of {folder}" if full else ""
 
 
 def attach(run: str) -> int:
