@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from git_project import FAKE, UserState, copy_fake, git, make_git_project
 from scripted_agent import ScriptedAgent
 
@@ -381,3 +382,50 @@ async def test_disk_full_pauses_with_a_clear_message_and_the_journal_survives(tm
         assert headers == ["## Iter 1", "## Iter 2", "## Iter 3"]
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_an_engine_whose_journal_file_goes_stops_with_a_clear_message(project, how):
+    """FAULTS 34: steps written into an unlinked or swapped journal reach nobody; the engine
+    notices at its next step and stops instead of running on."""
+    seen: list[ev.Event] = []
+    journal_path = project / "log" / "r1" / "journal.sqlite"
+
+    def publish(event):
+        seen.append(event)
+        if isinstance(event, ev.NodeFinished) and event.node_id == 1:
+            saved = journal_path.with_suffix(".saved")
+            journal_path.rename(saved)
+            if how == "replaced":
+                journal_path.write_bytes(saved.read_bytes())
+
+    config = load_config(project / "configs" / "fake.yaml")
+    engine = Engine.create(project, config, settings(project, iterations=4), ScriptedAgent(),
+                           publish)
+    finished = await engine.run()
+    engine.close()
+    assert "deleted or replaced" in finished.reason and str(journal_path) in finished.reason
+    started = [e.iteration for e in seen if isinstance(e, ev.IterationStarted)]
+    assert started == [1]  # no iteration ran into the lost file
+    assert any(isinstance(e, ev.EngineError) and "deleted or replaced" in e.message
+               for e in seen)
+
+
+async def test_config_snapshots_hold_the_settings_that_ran(project):
+    """`--iterations 2 --approve auto` over a file saying 24 and `code`: the snapshots and
+    config.yaml say what ran."""
+    config_file = project / "configs" / "fake.yaml"
+    text = config_file.read_text()
+    config_file.write_text(text.replace("approval: auto", "approval: code").replace(
+        "iterations: 4", "iterations: 24"))
+    git(project, "commit", "-q", "-am", "the file asks for 24 iterations under review")
+    config = load_config(config_file)
+    assert (config.exploration.iterations, config.exploration.approval) == (24, "code")
+    engine = Engine.create(project, config, settings(project, iterations=2, approval="auto"),
+                           ScriptedAgent())
+    await engine.run()
+    engine.close()
+    run_dir = project / "log" / "r1"
+    for path in (run_dir / "configs" / "iter_002.yaml", run_dir / "config.yaml"):
+        exploration = yaml.safe_load(path.read_text())["exploration"]
+        assert (exploration["iterations"], exploration["approval"]) == (2, "auto"), path
