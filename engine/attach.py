@@ -25,7 +25,7 @@ from typing import Any
 from engine import events as ev
 from engine.config import ExperimentConfig
 from engine.human import MANUAL_EDIT, REVERT
-from engine.journal import LOCK_FILE, Event, Journal, JournalError, RunEvent, Step
+from engine.journal import Event, Journal, JournalError, RunEvent, Step
 from engine.logs import RunLogs, strip_control
 from engine.paths import RunPaths
 from engine.progress import latest_progress
@@ -212,7 +212,7 @@ class RunReader:
     def engine_running(self) -> bool:
         """Whether an engine process holds this run (judged from its lock file's owner)."""
         try:
-            owner = json.loads((self.run_dir / LOCK_FILE).read_text() or "{}")
+            owner = json.loads(self.paths.lock.read_text() or "{}")
             pid = int(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return False

@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-JOURNAL_FILE = "journal.sqlite"
-LOCK_FILE = "engine.lock"
+from engine.paths import RunPaths
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
 
@@ -186,7 +186,7 @@ class Journal:
         run_dir = Path(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            lock_fd = os.open(RunPaths(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise JournalError(f"cannot open the run folder {run_dir}: {exc}") from None
         try:
@@ -202,16 +202,16 @@ class Journal:
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, (json.dumps(owner) + "\n").encode(), 0)
-            connection = _connect(run_dir / JOURNAL_FILE, create=True)
+            connection = _connect(RunPaths(run_dir).journal, create=True)
         except BaseException:
             os.close(lock_fd)  # closing the descriptor drops the flock
             raise
-        return cls(run_dir / JOURNAL_FILE, connection, lock_fd)
+        return cls(RunPaths(run_dir).journal, connection, lock_fd)
 
     @classmethod
     def open_for_client(cls, run_dir: str | Path) -> Journal:
         """Open an existing run's journal to read it and post commands; takes no lock."""
-        path = Path(run_dir) / JOURNAL_FILE
+        path = RunPaths(Path(run_dir)).journal
         if not path.is_file():
             raise JournalError(f"no journal at {path}: is '{Path(run_dir).name}' a proctor run?")
         return cls(path, _connect(path, create=False), None)

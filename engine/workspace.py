@@ -17,9 +17,8 @@ from pathlib import Path
 import yaml
 
 from engine.edits import safe_target, write_files
+from engine.paths import VCS_FILE, RunPaths
 from engine.vcs import MODE_EXECUTABLE, MODE_SYMLINK, Entry, Lineage, RepoInfo, VcsError
-
-VCS_FILE = "vcs.yaml"  # the run's RepoInfo, for readers without the journal record
 
 
 class CodeStore:
@@ -39,7 +38,7 @@ class CodeStore:
     def lineage(self) -> Lineage:
         if self._lineage is None:
             try:
-                record = yaml.safe_load((self.run_dir / VCS_FILE).read_text(encoding="utf-8"))
+                record = yaml.safe_load(RunPaths(self.run_dir).vcs.read_text(encoding="utf-8"))
                 info = RepoInfo.from_dict(record)
             except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
                 raise VcsError(f"{self.run_dir} has no readable {VCS_FILE}: {exc}") from None

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from engine.journal import (
-    JOURNAL_FILE,
     Journal,
     JournalError,
     RunEvent,
     RunLockedError,
     Step,
 )
+from engine.paths import JOURNAL_FILE
 from engine.proposal import Proposal, Strategy
 from engine.tree import Node
 
