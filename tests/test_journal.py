@@ -55,6 +55,7 @@ def test_steps_and_resume_queries(run_dir):
             journal.append(1, step, proposal if step is Step.PROPOSAL_STORED else {"s": step})
         journal.append(2, Step.STARTED)
         journal.append(2, Step.PROPOSAL_STORED, {"parent_id": 1})
+        journal.append(2, Step.REVIEW, {"proposal_id": "2.0-abc", "awaiting": False})
         journal.append(2, Step.DECISION, {"approved": True, "reason": "", "who": "auto"})
         journal.append(2, Step.APPLIED, Node(2, 1, {"lr": 1e-4}, metrics={"final_r2": 0.5}))
         journal.append(2, Step.RUN_STARTED, {"pid": 10, "pgid": 10, "start_time": 1.5})
@@ -69,7 +70,7 @@ def test_steps_and_resume_queries(run_dir):
         assert Proposal.model_validate(stored) == proposal
         assert Node.from_dict(journal.payload(2, Step.APPLIED)).metrics == {"final_r2": 0.5}
         assert journal.payload(2, Step.RECORDED) is None
-        assert [e.step for e in journal.events(2)] == list(Step)[:5]
+        assert [e.step for e in journal.events(2)] == list(Step)[:6]
 
         # A repair attempt replays later steps under attempt 1; payload() reads the latest.
         journal.append(2, Step.RUN_FINISHED, {"status": "crash"})
