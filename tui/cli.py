@@ -9,7 +9,6 @@ from pathlib import Path
 from tui.usage import EXIT_BAD_INPUT, UsageError
 
 EXIT_READER_GONE = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
-RUN_HELP = "run name (a folder of log/)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,33 +55,18 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
     run.add_argument("--log", action="store_true", help="echo the training logs")
 
-    _on_run(commands, "attach", "open the TUI on a run that runs in the background",
-            description="Watch and review a run started with --detach (or by another "
-            "terminal). Decisions go to the run's journal; quitting leaves the run going. Any "
-            "number of viewers may attach at once.")
-    resume = _on_run(
-        commands, "resume", "continue a run after a stop or a crash; lift a live run's pause",
-        description="Continue a stopped or crashed run in this terminal. When an engine "
-        "still drives the run, ask it to resume from a pause (one the journal shows, or one "
-        "only the engine knows of, such as a full disk).")
-    resume.add_argument("--iterations", type=_positive_int, help="raise the iteration count")
-    resume.add_argument("--log", action="store_true", help="echo the training logs")
-    status = _on_run(commands, "status",
-                     "print what a run is doing (engine, pause, waiting review) and its nodes")
-    status.add_argument("--json", action="store_true", help="machine-readable fields")
-    proposal_help = "the proposal id `proctor status` shows (refused if another one waits)"
-    approve = _on_run(commands, "approve", "approve the proposal a run is waiting on")
-    approve.add_argument("--proposal", help=proposal_help)
-    reject = _on_run(commands, "reject", "reject the proposal a run is waiting on")
-    reject.add_argument("--reason", required=True, help="why (the agent reads it)")
-    reject.add_argument("--proposal", help=proposal_help)
-    _on_run(commands, "stop", "stop a run cleanly (it can be resumed)")
-    revert = _on_run(
-        commands, "revert", "add a node that undoes NODE's change",
-        description="Add a node whose code and config are NODE's parent's, as a child of "
-        "NODE (a new commit; history is never rewritten). A live run applies it at its next "
-        "iteration; a stopped run when it is resumed.")
-    revert.add_argument("node", type=_positive_int, help="the node to revert")
+    on_run = {name: _on_run(commands, name, help, description)
+              for name, (help, description) in RUN_COMMANDS.items()}
+    on_run["resume"].add_argument("--iterations", type=_positive_int,
+                                  help="raise the iteration count")
+    on_run["resume"].add_argument("--log", action="store_true", help="echo the training logs")
+    on_run["status"].add_argument("--json", action="store_true", help="machine-readable fields")
+    on_run["reject"].add_argument("--reason", required=True, help="why (the agent reads it)")
+    for name in ("approve", "reject"):
+        on_run[name].add_argument(
+            "--proposal", help="the proposal id `proctor status` shows (refused when another "
+            "one waits)")
+    on_run["revert"].add_argument("node", type=_positive_int, help="the node to revert")
     commands.add_parser(
         "doctor", help="check the sandbox that every run gets on this machine",
         description="Run one real sandboxed child, as runs are made for this user, and print "
@@ -91,10 +75,34 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_run(commands, name: str, help: str, **details) -> argparse.ArgumentParser:
-    """A subcommand whose first argument is a run."""
-    parser = commands.add_parser(name, help=help, **details)
-    parser.add_argument("run", help=RUN_HELP)
+# The subcommands whose first argument is a run: (help, description or None).
+RUN_COMMANDS: dict[str, tuple[str, str | None]] = {
+    "attach": (
+        "open the TUI on a run that runs in the background",
+        "Watch and review a run started with --detach (or by another terminal). Decisions go "
+        "to the run's journal; quitting leaves the run going. Any number of viewers may "
+        "attach at once."),
+    "resume": (
+        "continue a run after a stop or a crash; lift a live run's pause",
+        "Continue a stopped or crashed run in this terminal. When an engine still drives the "
+        "run, ask it to resume from a pause (one the journal shows, or one only the engine "
+        "knows of, such as a full disk)."),
+    "status": ("print what a run is doing (engine, pause, waiting review) and its nodes", None),
+    "approve": ("approve the proposal a run is waiting on", None),
+    "reject": ("reject the proposal a run is waiting on", None),
+    "stop": ("stop a run cleanly (it can be resumed)", None),
+    "revert": (
+        "add a node that undoes NODE's change",
+        "Add a node whose code and config are NODE's parent's, as a child of NODE (a new "
+        "commit; history is never rewritten). A live run applies it at its next iteration; a "
+        "stopped run when it is resumed."),
+}
+
+
+def _on_run(commands, name: str, help: str, description: str | None
+            ) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("run", help="run name (a folder of log/)")
     return parser
 
 
