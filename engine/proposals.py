@@ -175,12 +175,14 @@ def review_of(iteration: int, attempt: int, proposal: Proposal, human: HumanChan
     diff = prepared.diff if prepared is not None else ""
     added, removed = diff_counts(diff)
     files = sorted({edit.file for edit in proposal.edits} | set(human.files if human else ()))
+    texts = {path: prepared.files[path] for path in files
+             if prepared is not None and path in prepared.files}
     mutation = prepared.node.mutation if prepared is not None else (proposal.mutation or "")
     return Review(
         proposal_id=proposal_id(iteration, attempt, content), iteration=iteration,
         attempt=attempt, mutation=mutation, diff=diff,
         config_diff=prepared.config_diff if prepared is not None else "",
-        files=tuple(files), added=added, removed=removed, awaiting=awaiting,
+        files=tuple(files), texts=texts, added=added, removed=removed, awaiting=awaiting,
         refused=str(refused) if refused is not None else None,
         policy_violation=bool(getattr(refused, "policy_violation", False)),
         by_human=human is not None, parent_id=proposal.parent_id)

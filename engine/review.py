@@ -16,9 +16,11 @@ from engine.journal import Journal, Step
 
 
 def proposal_id(iteration: int, attempt: int, content: dict[str, Any]) -> str:
-    """`<iteration>.<attempt>-<digest>`: the digest covers the proposal's whole content, so
-    two attempts, or one re-proposed differently, never share an id."""
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    """`<iteration>.<attempt>-<digest>`: the digest covers the attempt and the proposal's
+    whole content, so no two proposals share an id, nor an id half of one and half of
+    another."""
+    text = json.dumps([iteration, attempt, content], sort_keys=True, separators=(",", ":"),
+                      default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{iteration}.{attempt}-{digest}"
 
@@ -34,6 +36,7 @@ class Review:
     diff: str  # unified diff of the editable files ('' for a config-only change)
     config_diff: str  # `key: old -> new` lines
     files: tuple[str, ...] = ()  # the editable files it changes
+    texts: dict[str, str] = field(default_factory=dict)  # those files' whole texts after it
     added: int = 0
     removed: int = 0
     awaiting: bool = False  # waits for a human decision
@@ -89,6 +92,13 @@ def waiting_review(journal: Journal) -> Review | None:
     return latest
 
 
-def review_of(journal: Journal, iteration: int, attempt: int) -> Review | None:
+def find_review(journal: Journal, proposal_id: str) -> Review | None:
+    """The journaled review of `proposal_id` (`<iteration>.<attempt>-<digest>`), or None."""
+    try:
+        iteration, attempt = (int(part) for part in proposal_id.split("-")[0].split("."))
+    except ValueError:
+        return None
     payload = journal.payload(iteration, Step.REVIEW, attempt)
-    return Review.from_dict(payload) if payload is not None else None
+    if payload is None or payload.get("proposal_id") != proposal_id:
+        return None
+    return Review.from_dict(payload)

@@ -20,7 +20,7 @@ from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal, RunLockedError, Step
 from engine.loop import Engine, RunSettings
-from engine.review import waiting_review
+from engine.review import find_review, waiting_review
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -222,6 +222,10 @@ async def test_decisions_bind_to_the_proposal_they_name_and_nothing_else(project
         reviews = [e.payload for e in journal.events(3) if e.step == Step.REVIEW]
     assert [r["proposal_id"] for r in reviews] == [e.proposal_id for e in ready]
     assert reviews[1]["files"] == ["models/siren.py"] and reviews[1]["added"] == 1
+    assert "BONUS = 0.01" in reviews[1]["texts"]["models/siren.py"]  # what a human would edit
+    with Journal.open_for_client(run_dir) as journal:
+        assert find_review(journal, ready[1].proposal_id).diff == ready[1].diff
+        assert find_review(journal, ready[0].proposal_id.replace("3.0", "3.1")) is None
 
 
 def drive(root: Path, name: str, iterations: int, *extra: str, env=None):
