@@ -78,6 +78,15 @@ def test_run_then_status_then_taken_name(project):
     assert "already exists" in again.stderr and "proctor resume n1" in again.stderr
 
 
+def test_a_detached_engine_that_refuses_its_run_leaves_nothing(project):
+    result = proctor("run", "configs/fake.yaml", "--detach", "--name", "bad/name",
+                     cwd=project)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "proctor: run name 'bad/name' must be letters, digits, '_', '.', '-'"]
+    assert not (project / "log").exists()
+
+
 def test_unknown_run_and_bad_numbers_are_usage_errors(project):
     missing = proctor("status", "nope", cwd=project)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr

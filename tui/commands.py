@@ -207,13 +207,13 @@ def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
     if paths.journal.exists():
         raise UsageError(f"run '{settings.name}' already exists in {paths.run_dir}: use "
                          f"`proctor resume {settings.name}` or pick another --name")
-    made_log = not log_root(root).exists()
-    made_run = not paths.run_dir.exists()
+    made = [folder for folder in (log_root(root), paths.run_dir) if not folder.exists()]
     try:
         log_root(root).mkdir(parents=True, exist_ok=True)
-        fd, starting = tempfile.mkstemp(prefix=f".{settings.name[:40]}.", suffix=".out",
+        fd, starting = tempfile.mkstemp(prefix=".engine-starting-", suffix=".out",
                                         dir=log_root(root))
     except OSError as exc:
+        _remove_unrecorded(paths, made)
         raise UsageError(f"cannot create run '{settings.name}': {exc}") from None
     argv = [sys.executable, "-m", "tui.cli", "run", str(config_path.resolve()), "--headless",
             "--name", settings.name, "--iterations", str(settings.iterations),
@@ -227,10 +227,7 @@ def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
         except BaseException:
             if process.poll() is not None:  # it is gone: nothing of its start stays behind
                 os.unlink(starting)
-                if made_run and paths.run_dir.exists() and not _recorded(paths):
-                    shutil.rmtree(paths.run_dir, ignore_errors=True)
-                if made_log and not any(log_root(root).iterdir()):
-                    log_root(root).rmdir()
+                _remove_unrecorded(paths, made)
             raise
     output = Path(starting)
     try:
@@ -245,6 +242,16 @@ def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
         f"proctor reject {settings.name} --reason TEXT")
     say(f"  stop it:           proctor stop {settings.name}")
     return 0
+
+
+def _remove_unrecorded(paths: RunPaths, made: list[Path]) -> None:
+    """Remove the folders of `made` that a failed start left: the run folder unless the run
+    was recorded (then it can be resumed), log/ when it is empty."""
+    if paths.run_dir in made and paths.run_dir.exists() and not _recorded(paths):
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+    log = paths.run_dir.parent
+    if log in made and log.exists() and not any(log.iterdir()):
+        log.rmdir()
 
 
 def _recorded(paths: RunPaths) -> bool:
