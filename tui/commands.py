@@ -245,13 +245,16 @@ def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
 
 
 def _remove_unrecorded(paths: RunPaths, made: list[Path]) -> None:
-    """Remove the folders of `made` that a failed start left: the run folder unless the run
-    was recorded (then it can be resumed), log/ when it is empty."""
-    if paths.run_dir in made and paths.run_dir.exists() and not _recorded(paths):
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
-    log = paths.run_dir.parent
-    if log in made and log.exists() and not any(log.iterdir()):
-        log.rmdir()
+    """Remove the folders of `made` (log/, the run folder) that a failed start left: the run
+    folder unless the run was recorded (then it can be resumed), log/ when it is empty."""
+    for folder in reversed(made):
+        if not folder.exists():
+            continue
+        if folder == paths.run_dir:
+            if not _recorded(paths):
+                shutil.rmtree(folder, ignore_errors=True)
+        elif not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _recorded(paths: RunPaths) -> bool:
