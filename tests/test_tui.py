@@ -7,6 +7,8 @@ under the `code` policy); iteration 3 edits models/siren.py, so it waits for a h
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import sys
 import time
@@ -17,12 +19,15 @@ import pytest
 from scripted_agent import ScriptedAgent
 from textual.app import App, ComposeResult
 from textual.command import CommandList
-from textual.widgets import DataTable
+from textual.widgets import DataTable, Input, Label, ProgressBar, Tree
 
 from engine import events as ev
+from engine.agents.base import AgentReply
 from engine.config import load_config
 from engine.journal import Journal, RunEvent
 from engine.loop import Engine, RunSettings
+from engine.progress import latest_progress
+from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
 from tui.app import ProctorApp, live_app
 from tui.pump import EventPump
 from tui.settings import TuiSettings
@@ -88,8 +93,9 @@ async def test_accept_runs_the_proposal_and_keys_show_only_when_they_apply(proje
         await pilot.press("2")
         assert app.action_applies("accept") and app.action_applies("edit")
         assert "+BONUS = 0.01" in app.review_view.diff_view.diff
+        shown = app.state.waiting_review
         await pilot.press("a")
-        assert app.sent == [ev.Approve(iteration=3)]
+        assert app.sent == [ev.Approve(proposal_id=shown.proposal_id)]
         assert not app.action_applies("accept")  # no second decision for the same proposal
         await until(pilot, lambda: app.state.finished is not None, "the end of the run")
         await until(pilot, lambda: node(app, 3) and node(app, 3).metrics, "node 3's metrics")
@@ -104,13 +110,14 @@ async def test_reject_asks_for_a_reason_and_the_agent_reads_it(project):
     app = tui_app(project, iterations=3, agent=agent)
     async with app.run_test(size=(120, 36)) as pilot:
         await until(pilot, waiting_at(app, 3), "the code proposal of iteration 3")
-        first = app.state.waiting_review.key
+        shown = app.state.waiting_review
+        first = shown.key
         await pilot.press("2", "r")
         assert isinstance(app.screen, ReasonScreen)
         await pilot.press("enter")  # an empty reason is refused
         assert isinstance(app.screen, ReasonScreen) and app.sent == []
         await pilot.press(*"too risky today", "enter")
-        assert app.sent == [ev.Reject(reason="too risky today", iteration=3)]
+        assert app.sent == [ev.Reject(proposal_id=shown.proposal_id, reason="too risky today")]
         # the agent is asked again for iteration 3, with the reason in its context
         await until(pilot, lambda: app.state.waiting_review is not None
                     and app.state.waiting_review.key != first, "the second proposal")
@@ -131,10 +138,11 @@ async def test_edit_in_editor_accepts_the_edited_version(project, tmp_path, monk
     app = tui_app(project, iterations=3)
     async with app.run_test(size=(120, 36)) as pilot:
         await until(pilot, waiting_at(app, 3), "the code proposal of iteration 3")
+        shown = app.state.waiting_review
         await pilot.press("2", "e")
         await until(pilot, lambda: app.sent, "the edited version to be sent")
         sent = app.sent[-1]
-        assert isinstance(sent, ev.ApproveEdited) and sent.iteration == 3
+        assert isinstance(sent, ev.ApproveEdited) and sent.proposal_id == shown.proposal_id
         assert "BONUS = 0.05" in sent.files["models/siren.py"]
         await until(pilot, lambda: app.state.finished is not None, "the end of the run")
         await until(pilot, lambda: node(app, 3) and node(app, 3).metrics, "node 3's metrics")
@@ -152,8 +160,7 @@ async def test_revert_confirms_then_adds_a_node_with_the_code_before(project):
         await until(pilot, waiting_at(app, 5), "the code proposal of iteration 5")
         await until(pilot, lambda: app.snapshot.revertable(3), "node 3 in the tree")
         await pilot.press("3")
-        table = app.tree_view.query_one(DataTable)
-        table.move_cursor(row=table.get_row_index("3"))
+        app.tree_view.select(3)
         await until(pilot, lambda: app.tree_view.selected == 3, "node 3 highlighted")
         assert app.action_applies("revert")
         await pilot.press("v")
@@ -216,6 +223,165 @@ async def test_pause_from_the_palette_then_help_and_quit_stops_the_run(project):
     with Journal.open_for_client(project / "log" / "r1") as journal:
         stops = journal.run_events(RunEvent.STOPPED)
     assert stops and stops[-1].payload["reason"] == "stopped from the TUI"
+
+
+# -- decisions name their proposal ----------------------------------------------------------
+
+
+class FeedSource:
+    """Events a test publishes by hand (an attached-looking source); commands are kept."""
+
+    live = False
+
+    def __init__(self) -> None:
+        self.publish = None
+        self.commands: list[ev.Command] = []
+
+    async def run(self, publish) -> None:
+        self.publish = publish
+        await asyncio.Event().wait()  # until the app quits
+
+    def send(self, command: ev.Command) -> None:
+        self.commands.append(command)
+
+    def close(self) -> None:
+        pass
+
+
+def code_proposal(mutation: str = "[code] bonus") -> Proposal:
+    return Proposal(parent_id=1, strategy=Strategy.CODE_CHANGE, mutation=mutation,
+                    edits=(CodeEdit(file="models/siren.py", search="BONUS = 0.0",
+                                    replace="BONUS = 0.01"),))
+
+
+async def test_a_decision_names_the_proposal_on_screen_and_never_a_newer_one():
+    source = FeedSource()
+    app = ProctorApp(source, QUIET)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: source.publish is not None, "the source")
+
+        async def offer(proposal_id: str) -> None:
+            source.publish(ev.ProposalReady(3, code_proposal(), "", "", True, proposal_id))
+            await until(pilot, lambda: app.state.waiting_review is not None
+                        and app.state.waiting_review.proposal_id == proposal_id, proposal_id)
+
+        source.publish(ev.IterationStarted(3, 1, 5))
+        await offer("3.1-aaaa")
+        await pilot.press("2", "a")
+        assert app.sent == [ev.Approve(proposal_id="3.1-aaaa")]
+        await offer("3.2-bbbb")
+        # a late decision about the first proposal does not close the second one
+        source.publish(ev.ProposalDecided(3, False, "old", "human", proposal_id="3.1-aaaa"))
+        await pilot.pause(0.2)
+        assert app.state.waiting_review.proposal_id == "3.2-bbbb"
+        await pilot.press("r", *"not this one")
+        await offer("3.3-cccc")  # replaces the proposal being rejected while the human types
+        await pilot.press("enter")
+        assert app.sent == [ev.Approve(proposal_id="3.1-aaaa")]  # nothing for 3.3 or 3.2
+        assert "no longer waits" in app.notices[-1].message
+        await pilot.press("r", *"too big", "enter")
+        assert app.sent[-1] == ev.Reject(proposal_id="3.3-cccc", reason="too big")
+        assert source.commands == app.sent
+
+
+async def test_the_progress_bar_follows_the_simulation_then_the_training():
+    source = FeedSource()
+    app = ProctorApp(source, QUIET)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: source.publish is not None, "the source")
+        label = app.run_view.query_one("#progress-label", Label)
+        source.publish(ev.IterationStarted(4, 1, 5))
+        source.publish(ev.TrainingStarted(4, 4, 1, "lr", 123))
+        source.publish(latest_progress(4, ["[harness] simulating 200 frames of 3 discs -> x",
+                                           "[harness] simulated frame 40/200"]))
+        await until(pilot, lambda: str(label.content) == "simulating 40/200 frames", "frames")
+        assert app.run_view.query_one(ProgressBar).percentage == 0.2
+        source.publish(latest_progress(4, ["step 300/2000 loss 1.0e-02 steps/s 80.0"]))
+        await until(pilot, lambda: str(label.content) == "training 300/2000 steps", "steps")
+        assert app.run_view.query_one(ProgressBar).percentage == 0.15
+
+
+# -- text from outside is text ---------------------------------------------------------------
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[31m"
+MARKUP = "[bold red]x[/]"
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class HostileAgent(ScriptedAgent):
+    """Iteration 2 is a code change whose prose carries markup and terminal escapes, and
+    whose code prints a line with escapes when the training imports it."""
+
+    async def propose(self, context):
+        if context.iteration != 2:
+            return await super().propose(context)
+        self.contexts.append(context)
+        printing = 'BONUS = 0.0\nprint(chr(27) + "[31mLOGLINE [bold]y[/bold]" + chr(27) + "[0m")'
+        proposal = Proposal(
+            parent_id=context.candidates[0], strategy=Strategy.CODE_CHANGE,
+            edits=(CodeEdit(file="models/siren.py", search="BONUS = 0.0", replace=printing),),
+            code_change=CodeChange(file="models/siren.py", change=f"change {MARKUP}{ESCAPES}"),
+            mutation="[code] cosine LR schedule", hypothesis=f"hypothesis {MARKUP}{ESCAPES}",
+            analysis=f"analysis {MARKUP}{ESCAPES}")
+        return AgentReply(proposal, reasoning=f"reasoning {MARKUP}{ESCAPES}")
+
+
+def screen_text(app: App) -> str:
+    """What the terminal shows now, as text; fails if a control character would reach it."""
+    lines = []
+    for strip in app.screen._compositor.render_strips():
+        for segment in strip:
+            assert not _CONTROL.search(segment.text), repr(segment.text)
+        lines.append(strip.text)
+    return "\n".join(lines)
+
+
+async def test_markup_and_escapes_from_agents_children_and_humans_are_shown_as_text(project):
+    loud = TuiSettings(watch_files=False, show_clock=False, bell=False, toasts=True)
+
+    def open_engine(publish):
+        config = load_config(project / "configs" / "fake.yaml")
+        settings = RunSettings(name="r1", config_path=str(project / "configs" / "fake.yaml"),
+                               iterations=2, approval="code", agent="scripted",
+                               runner="subprocess")
+        return Engine.create(project, config, settings, HostileAgent(), publish)
+
+    app = live_app(open_engine, loud)
+    async with app.run_test(size=(150, 60), notifications=True) as pilot:
+        await until(pilot, waiting_at(app, 2), "the proposal of iteration 2")
+        await pilot.press("2")
+        await pilot.pause(0.1)
+        review = screen_text(app)
+        assert "[code] cosine LR schedule" in review
+        assert f"hypothesis {MARKUP}" in review and f"analysis {MARKUP}" in review
+        assert "pwned" not in review  # the whole escape sequence goes, not only ESC
+        await pilot.press("r")
+        app.screen.query_one(Input).value = f"{MARKUP}{ESCAPES}"
+        await pilot.press("enter")
+        await until(pilot, lambda: any(MARKUP in n.message for n in app.notices),
+                    "the rejection's notice")
+        await until(pilot, lambda: f"({MARKUP})" in screen_text(app), "the toast")
+        await until(pilot, waiting_at(app, 2), "the proposal again")
+        await pilot.press("a")
+        await until(pilot, lambda: app.state.finished is not None, "the end of the run")
+        await until(pilot, lambda: app.snapshot and 2 in app.snapshot.nodes
+                    and app.snapshot.nodes[2].metrics, "node 2's result")
+        await pilot.press("1")
+        await until(pilot, lambda: "LOGLINE [bold]y[/bold]" in screen_text(app), "the log line")
+        shown = next(line for line in screen_text(app).splitlines() if "LOGLINE" in line)
+        assert shown.strip() == "LOGLINE [bold]y[/bold]"  # no rest of an escape either
+        await pilot.press("4")  # analysis.md, rendered as markdown
+        await until(pilot, lambda: f"analysis {MARKUP}" in screen_text(app), "the analysis")
+        await pilot.press("3")
+        await until(pilot, lambda: "[code] cosine LR schedule" in screen_text(app), "the tree")
+        tree = app.tree_view.query_one(Tree)
+        second = next(node for node in tree.root.children[0].children if node.data == 2)
+        assert "[code] cosine LR schedule" in second.label.plain
+        assert "[CODE]" in second.label.plain  # it changed code
+        await pilot.press("t")
+        assert app.tree_view.layout_shown == "table"
+        await until(pilot, lambda: "[code] cosine LR schedule" in screen_text(app), "the table")
+        assert app.tree_view.query_one(DataTable).row_count == 2
 
 
 # -- the pieces that keep the app responsive -------------------------------------------------

@@ -132,8 +132,9 @@ async def test_attached_app_approves_detaches_and_the_run_goes_on(project):
                 assert time.monotonic() < deadline, "the manual edit did not reach the viewer"
                 await pilot.pause(0.05)
             assert "+BONUS = 0.3" in app.state.manual_edits["models/siren.py"].diff
+            shown = app.state.waiting_review
             await pilot.press("2", "a")
-            assert app.sent == [ev.Approve(iteration=3)]
+            assert app.sent == [ev.Approve(proposal_id=shown.proposal_id)]
             while app.state.waiting_review is not None or app.state.iteration < 3:
                 assert time.monotonic() < deadline, "the engine did not take the decision"
                 await pilot.pause(0.05)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_tui_attach import start_engine, wait_for
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Markdown
+from textual.widgets import Markdown
 
 from engine import events as ev
 from engine.attach import AttachedRun
@@ -95,16 +95,26 @@ def test_review_view_side_by_side(parked_run, snap_compare):
 
 
 def test_tree_view(parked_run, snap_compare):
-    async def second_node(pilot: Pilot) -> None:
-        app: ProctorApp = pilot.app  # type: ignore[assignment]
-        app.tree_view.query_one(DataTable).move_cursor(row=1)
-        deadline = time.monotonic() + 10
-        while app.tree_view.selected != 2:
-            assert time.monotonic() < deadline
-            await pilot.pause(0.05)
+    assert snap_compare(attached_app(parked_run, STILL), terminal_size=SIZE,
+                        run_before=settled("3", _second_node))
+
+
+def test_tree_view_as_a_table(parked_run, snap_compare):
+    async def second_node_in_the_table(pilot: Pilot) -> None:
+        await pilot.press("t")
+        await _second_node(pilot)
 
     assert snap_compare(attached_app(parked_run, STILL), terminal_size=SIZE,
-                        run_before=settled("3", second_node))
+                        run_before=settled("3", second_node_in_the_table))
+
+
+async def _second_node(pilot: Pilot) -> None:
+    app: ProctorApp = pilot.app  # type: ignore[assignment]
+    app.tree_view.select(2)
+    deadline = time.monotonic() + 10
+    while app.tree_view.selected != 2:
+        assert time.monotonic() < deadline
+        await pilot.pause(0.05)
 
 
 def test_logs_view(parked_run, snap_compare):

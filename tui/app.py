@@ -12,24 +12,28 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 from textual import work
 from textual.app import App, ComposeResult, SuspendNotSupported
 from textual.binding import Binding
+from textual.widget import Widget
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerFailed, WorkerState
 
 from engine import events as ev
+from engine.logs import strip_control
 from tui.palette import ACTIONS, ProctorCommands
 from tui.pump import EventPump
 from tui.settings import TuiSettings
 from tui.source import EventSource, SourceError
-from tui.state import Notice, RunState
+from tui.state import Notice, Review, RunState
 from tui.widgets.live_log import LiveLog
 from tui.widgets.logs_view import LogsView, run_documents
 from tui.widgets.modals import ConfirmScreen, HelpScreen, ReasonScreen
+from tui.widgets.plain import plain
 from tui.widgets.review_view import ReviewView
 from tui.widgets.run_view import RunView
 from tui.widgets.tree_view import TreeView
@@ -45,6 +49,7 @@ _TREE_EVENTS = (ev.RunOpened, ev.TrainingStarted, ev.NodeFinished, ev.IterationS
                 ev.RunFinished, ev.IterationStarted)
 MAX_NOTICES_PER_BATCH = 3  # an attach replays history: do not bury the screen in toasts
 STOP_WAIT_S = 30.0
+V = TypeVar("V", bound=Widget)
 
 
 def _hms(seconds: float | None) -> str:
@@ -52,6 +57,22 @@ def _hms(seconds: float | None) -> str:
         return "–"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _View(Generic[V]):
+    """An app attribute naming the one widget of its kind (each view is composed once)."""
+
+    def __init__(self, kind: type[V]) -> None:
+        self.kind = kind
+
+    @overload
+    def __get__(self, app: None, owner: type | None = None) -> _View[V]: ...
+
+    @overload
+    def __get__(self, app: App, owner: type | None = None) -> V: ...
+
+    def __get__(self, app: App | None, owner: type | None = None) -> V | _View[V]:
+        return self if app is None else app.query_one(self.kind)
 
 
 class ProctorApp(App[None]):
@@ -141,21 +162,10 @@ class ProctorApp(App[None]):
             with reader.lock:
                 reader.close()
 
-    @property
-    def run_view(self) -> RunView:
-        return self.query_one(RunView)
-
-    @property
-    def review_view(self) -> ReviewView:
-        return self.query_one(ReviewView)
-
-    @property
-    def tree_view(self) -> TreeView:
-        return self.query_one(TreeView)
-
-    @property
-    def logs_view(self) -> LogsView:
-        return self.query_one(LogsView)
+    run_view = _View(RunView)
+    review_view = _View(ReviewView)
+    tree_view = _View(TreeView)
+    logs_view = _View(LogsView)
 
     @property
     def live_log(self) -> LiveLog:
@@ -212,13 +222,16 @@ class ProctorApp(App[None]):
         self.update_bindings()
 
     def tell(self, notice: Notice) -> None:
-        """Show a notice as a toast (and ring the bell when it asks to)."""
+        """Show a notice as a toast (and ring the bell when it asks to). Notices quote what
+        runs, agents and humans wrote: plain text, never markup or terminal codes."""
+        notice = replace(notice, message=strip_control(notice.message),
+                         title=strip_control(notice.title))
         self.notices.append(notice)
         if notice.bell and self.settings.bell:
             self.bell()
         if self.settings.toasts:
             self.notify(notice.message, title=notice.title, severity=notice.severity,
-                        timeout=8 if notice.severity != "information" else 4)
+                        timeout=8 if notice.severity != "information" else 4, markup=False)
 
     # -- the run folder, read in a worker --------------------------------------------------
 
@@ -306,7 +319,7 @@ class ProctorApp(App[None]):
         if not found:
             return  # shutting down: the widgets are gone
         status = found.first(Static)
-        status.update(self.status_text())
+        status.update(plain(self.status_text()))
         status.set_class(self.state.waiting_review is not None and not self._decision_sent(),
                          "waiting")
 
@@ -316,6 +329,8 @@ class ProctorApp(App[None]):
             if event.pane.id == "logs":
                 self._update_documents()
                 self.logs_view.check()
+            elif event.pane.id == "tree":
+                self.tree_view.focus_nodes()
 
     def on_tree_view_node_highlighted(self, event: TreeView.NodeHighlighted) -> None:
         self.update_bindings()
@@ -396,18 +411,27 @@ class ProctorApp(App[None]):
         if tab in TABS:
             self.query_one("#tabs", TabbedContent).active = tab
 
-    def _decide(self, command: ev.Command) -> None:
-        review = self.state.waiting_review
-        if review is not None and self.send(command):
+    def _still_waiting(self, review: Review) -> bool:
+        """Whether `review` is still the proposal waiting (says so when it is not)."""
+        current = self.state.waiting_review
+        if current is not None and current.key == review.key:
+            return True
+        self.tell(Notice(f"the proposal of iteration {review.iteration} you were deciding on "
+                         "no longer waits: nothing sent", "warning"))
+        return False
+
+    def _decide(self, review: Review, command: ev.Command, done: str) -> None:
+        """Send a decision about `review` (the command names its proposal_id), once."""
+        if self._still_waiting(review) and self.send(command):
             self._decided_review = review.key
+            self.tell(Notice(f"iteration {review.iteration}: {done}"))
             self._show_state()
             self.update_bindings()
 
     def action_accept(self) -> None:
         review = self.state.waiting_review
         if review is not None:
-            self._decide(ev.Approve(iteration=review.iteration))
-            self.tell(Notice(f"iteration {review.iteration}: accepted"))
+            self._decide(review, ev.Approve(proposal_id=review.proposal_id), "accepted")
 
     def action_reject(self) -> None:
         review = self.state.waiting_review
@@ -415,10 +439,9 @@ class ProctorApp(App[None]):
             return
 
         def rejected(reason: str | None) -> None:
-            if reason and self.state.waiting_review is not None \
-                    and self.state.waiting_review.key == review.key:
-                self._decide(ev.Reject(reason=reason, iteration=review.iteration))
-                self.tell(Notice(f"iteration {review.iteration}: rejected"))
+            if reason:
+                self._decide(review, ev.Reject(proposal_id=review.proposal_id, reason=reason),
+                             "rejected")
 
         self.push_screen(ReasonScreen(f"Why reject the proposal of iteration "
                                       f"{review.iteration}? The agent reads this.",
@@ -446,15 +469,11 @@ class ProctorApp(App[None]):
         except EditorError as exc:
             self.tell(Notice(str(exc), "error", title="editor"))
             return
-        current = self.state.waiting_review
-        if current is None or current.key != review.key:
-            self.tell(Notice("the proposal changed while you edited: nothing sent", "warning"))
-            return
         if edited == proposed:
             self.tell(Notice("no change made: nothing sent (a accepts the proposal as it is)"))
             return
-        self._decide(ev.ApproveEdited(files=edited, iteration=review.iteration))
-        self.tell(Notice(f"iteration {review.iteration}: your edited version was sent"))
+        self._decide(review, ev.ApproveEdited(proposal_id=review.proposal_id, files=edited),
+                     "your edited version was sent")
 
     def _run_editor(self, argv: list[str]) -> int:
         """Run the editor with the terminal handed over to it."""
@@ -580,6 +599,8 @@ def help_text(app: ProctorApp) -> str:
         lines.append(f"| `{key}` | {title} | {help_line} |")
     lines += ["", "`ctrl+p` opens the command palette (every action that applies now). "
               "In a log, `f` or `End` follows new lines again; scrolling up stops following.",
+              "", "In the tree tab, `t` switches between the tree and the flat table, and "
+              "`space` folds or unfolds a branch; the path to the best node is green.",
               "", "Keys that do not apply now are hidden from the footer."]
     return "\n".join(lines)
 

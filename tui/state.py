@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Literal
 
 from engine import events as ev
+from engine.progress import TRAINING
 from engine.proposal import Proposal
 
 Severity = Literal["information", "warning", "error"]
@@ -48,12 +49,20 @@ class Review:
     config_diff: str
     awaiting: bool
     serial: int = 0  # counts proposals: an identical re-proposal is still a new one
+    proposal_id: str = ""  # what a decision names: the engine refuses it for any other
     stale_paths: list[str] = field(default_factory=list)
     edit_error: str | None = None  # the human's edited version was refused
 
     @property
     def key(self) -> int:
         return self.serial
+
+    def named_by(self, iteration: int, proposal_id: str) -> bool:
+        """Whether an event naming `proposal_id` (or, from an engine that names none, only
+        `iteration`) is about this proposal."""
+        if proposal_id and self.proposal_id:
+            return proposal_id == self.proposal_id
+        return iteration == self.iteration  # an engine that names no proposal
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class RunState:
     hypothesis: str = ""
     step: int = 0
     steps: int = 0
+    progress_phase: str = TRAINING  # what `step` counts: simulated frames or training steps
     best_r2: float | None = None
     last_r2: float | None = None
     review: Review | None = None
@@ -120,19 +130,20 @@ class RunState:
                 self.review = None
                 self.finished = None
             case ev.ProposalReady(iteration=iteration, proposal=proposal, diff=diff,
-                                  config_diff=config_diff, awaiting_review=awaiting):
+                                  config_diff=config_diff, awaiting_review=awaiting,
+                                  proposal_id=proposal_id):
                 self.iteration, self.node_id = iteration, iteration  # a node's id: its iteration
                 self.proposals_seen += 1
                 self.review = Review(iteration, proposal, diff, config_diff, awaiting,
-                                     self.proposals_seen)
+                                     self.proposals_seen, proposal_id)
                 self.parent_id, self.strategy = proposal.parent_id, str(proposal.strategy)
                 self.mutation = proposal.mutation or config_diff.replace("\n", "; ")
                 self.hypothesis = proposal.hypothesis
                 if awaiting:
                     self.phase = Phase.REVIEWING
             case ev.ProposalDecided(iteration=iteration, approved=approved, reason=reason,
-                                    by=by):
-                if self.review is not None and self.review.iteration == iteration:
+                                    by=by, proposal_id=proposal_id):
+                if self.review is not None and self.review.named_by(iteration, proposal_id):
                     self.review.awaiting = False
                 self.phase = Phase.APPLYING if approved else Phase.PROPOSING
                 if by != "policy" and not approved:
@@ -146,10 +157,11 @@ class RunState:
                 self.mutation = mutation or self.mutation
                 self.phase = Phase.TRAINING
                 self.step = self.steps = 0
+                self.progress_phase = TRAINING
                 self.review = None
-            case ev.TrainingProgress(iteration=iteration, step=step, total=total):
+            case ev.TrainingProgress(iteration=iteration, step=step, total=total, phase=phase):
                 if iteration == self.iteration:  # a late update of a finished run is stale
-                    self.step, self.steps = step, total
+                    self.step, self.steps, self.progress_phase = step, total, phase
             case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
                                  best_r2=best):
                 self.phase = Phase.RECORDING

@@ -13,6 +13,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from engine.logs import strip_control
+
 MAX_DIFF_LINES = 4000  # beyond this the view says so; change.diff has the whole diff
 THEME = "monokai"
 _ADDED = Style(bgcolor="#12361b")
@@ -161,7 +163,8 @@ class DiffView(Static):
         if not self.diff.strip():
             self.update(Text(self.empty, style="dim"))
             return
-        body = render_side_by_side(self.diff) if self.side_by_side else render_unified(self.diff)
+        diff = strip_control(self.diff)  # an agent wrote it: no escape reaches the terminal
+        body = render_side_by_side(diff) if self.side_by_side else render_unified(diff)
         total = self.diff.count("\n")
         if total > MAX_DIFF_LINES:
             body = Group(body, Text(f"… {total - MAX_DIFF_LINES} more lines in change.diff",

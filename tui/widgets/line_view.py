@@ -16,6 +16,8 @@ from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from engine.logs import strip_control
+
 MAX_WIDTH = 1000  # horizontal scrolling stops here; longer lines are cut
 _MARKER_STYLE = Style(dim=True, italic=True)
 _ERROR_STYLE = Style(color="red")
@@ -32,8 +34,11 @@ def line_style(line: str) -> Style | None:
 
 
 def printable(line: str) -> str:
-    """A line safe to draw: tabs expanded, other control characters replaced."""
-    line = line.expandtabs(4)
+    """A line safe to draw: terminal escapes and control characters removed, tabs expanded,
+    anything else unprintable replaced."""
+    if line.isprintable():
+        return line
+    line = strip_control(line).expandtabs(4)
     if line.isprintable():
         return line
     return "".join(ch if ch.isprintable() else "�" for ch in line)

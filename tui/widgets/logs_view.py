@@ -13,8 +13,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import ContentSwitcher, Markdown, OptionList
 from textual.widgets.option_list import Option
 
-from engine.logs import ANALYSIS_FILE, MEMORY_FILE, REASONING_FILE, SCORES_FILE, numbered
+from engine.logs import strip_control
+from engine.paths import RunPaths
 from tui.widgets.file_log import FileLog
+from tui.widgets.plain import plain
 
 MARKDOWN_TAIL_BYTES = 64 * 1024  # a markdown document larger than this shows its end
 _NEVER_SHOWN = (-1, -1)
@@ -34,22 +36,22 @@ class Document:
 def run_documents(run_dir: Path, instructions: Path | None,
                   training_node: int | None) -> list[Document]:
     """The documents of a run folder, in the order the list shows them."""
-    docs = [
-        Document("analysis", "analysis.md", run_dir / ANALYSIS_FILE, True),
-        Document("memory", "memory.md", run_dir / MEMORY_FILE, True),
-        Document("reasoning", "reasoning.log", run_dir / REASONING_FILE, False),
-        Document("scores", "ucb_scores.txt", run_dir / SCORES_FILE, False),
-    ]
+    paths = RunPaths(run_dir)
+    docs = [Document(path.stem, path.name, path, markdown) for path, markdown in (
+        (paths.analysis, True), (paths.memory, True), (paths.reasoning, False),
+        (paths.scores, False))]
     if training_node is not None:
-        log = run_dir / "nodes" / numbered(training_node) / "training.log"
-        docs.append(Document("training", f"training log (node {training_node})", log, False))
+        docs.append(Document("training", f"training log (node {training_node})",
+                             paths.training_log(training_node), False))
     if instructions is not None:
         docs.append(Document("instructions", f"instructions: {instructions.name}",
                              instructions, True))
-    for folder, label in (("protocols", "protocol"), ("memory", "memory")):
-        for path in sorted((run_dir / folder).glob("block_*.md")):
+    for folder, label in ((paths.protocols_dir, "protocol"),
+                          (paths.memory_snapshots_dir, "memory")):
+        for path in sorted(folder.glob("block_*.md")):
             block = path.stem.removeprefix("block_")
-            docs.append(Document(f"{folder}/{path.name}", f"{label} block {block}", path, True))
+            docs.append(Document(f"{folder.name}/{path.name}", f"{label} block {block}", path,
+                                 True))
     return docs
 
 
@@ -64,7 +66,7 @@ def markdown_tail(path: Path, limit: int = MARKDOWN_TAIL_BYTES) -> str:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             if size <= limit:
-                return hard_breaks(handle.read().decode("utf-8", "replace"))
+                return hard_breaks(strip_control(handle.read().decode("utf-8", "replace")))
             handle.seek(size - limit)
             text = handle.read().decode("utf-8", "replace")
     except OSError:
@@ -72,7 +74,7 @@ def markdown_tail(path: Path, limit: int = MARKDOWN_TAIL_BYTES) -> str:
     heading = text.find("\n#")
     text = text[heading + 1:] if heading >= 0 else text
     note = f"*… the first {size - len(text.encode())} bytes are in {path}*"
-    return f"{note}\n\n{hard_breaks(text)}"
+    return f"{note}\n\n{hard_breaks(strip_control(text))}"
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -115,7 +117,7 @@ class LogsView(Horizontal):
         options = self.query_one("#doc-list", OptionList)
         current = self.current.key if self.current else None
         options.clear_options()
-        options.add_options([Option(doc.label, id=doc.key) for doc in documents])
+        options.add_options([Option(plain(doc.label), id=doc.key) for doc in documents])
         keys = [doc.key for doc in documents]
         if current in keys:
             options.highlighted = keys.index(current)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown
+
+from tui.widgets.plain import plain
+
+T = TypeVar("T")
 
 _DIALOG_CSS = """
 {name} {{ align: center middle; }}
@@ -20,7 +26,29 @@ _DIALOG_CSS = """
 """
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class _Dialog(ModalScreen[T]):
+    """A message, what a subclass puts under it (`fields`), then Cancel and one action."""
+
+    VARIANT = "primary"
+
+    def __init__(self, message: str, action_label: str) -> None:
+        super().__init__()
+        self.message = message  # may quote what others wrote: shown as plain text
+        self.action_label = action_label
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(plain(self.message), id="question")
+            yield from self.fields()
+            with Horizontal():
+                yield Button("Cancel", id="cancel")
+                yield Button(self.action_label, id="act", variant=self.VARIANT)
+
+    def fields(self) -> ComposeResult:
+        yield from ()
+
+
+class ConfirmScreen(_Dialog[bool]):
     """Yes/no before something that cannot be taken back; dismisses with the answer."""
 
     DEFAULT_CSS = _DIALOG_CSS.format(name="ConfirmScreen")
@@ -28,51 +56,37 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("y", "answer(True)", "Yes", id="confirm.yes"),
         Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
+    VARIANT = "error"
 
     def __init__(self, question: str, confirm_label: str = "Yes") -> None:
-        super().__init__()
-        self.question = question
-        self.confirm_label = confirm_label
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(self.question, id="question")
-            with Horizontal():
-                yield Button("Cancel", id="no")
-                yield Button(self.confirm_label, id="yes", variant="error")
+        super().__init__(question, confirm_label)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+        self.dismiss(event.button.id == "act")
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
 
 
-class ReasonScreen(ModalScreen[str | None]):
+class ReasonScreen(_Dialog[str | None]):
     """Asks for a line of text (a rejection reason); dismisses with it, or None."""
 
     DEFAULT_CSS = _DIALOG_CSS.format(name="ReasonScreen")
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="reason.cancel")]
 
     def __init__(self, prompt: str, placeholder: str = "") -> None:
-        super().__init__()
-        self.prompt = prompt
+        super().__init__(prompt, "Send")
         self.placeholder = placeholder
 
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(self.prompt)
-            yield Input(placeholder=self.placeholder, id="reason")
-            yield Label("", id="hint")
-            with Horizontal():
-                yield Button("Cancel", id="cancel")
-                yield Button("Send", id="send", variant="primary")
+    def fields(self) -> ComposeResult:
+        yield Input(placeholder=self.placeholder, id="reason")
+        yield Label("", id="hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self._send(event.value)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "send":
+        if event.button.id == "act":
             self._send(self.query_one(Input).value)
         else:
             self.dismiss(None)

@@ -11,16 +11,19 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from engine.logs import strip_control
 from tui.state import RunState
 from tui.widgets.diff_view import DiffView
+from tui.widgets.plain import plain
 
 if TYPE_CHECKING:
     from tui.snapshot import RunSnapshot
 
 
 def _section(title: str, body: str, empty: str = "–") -> Group:
-    return Group(Text(title, style="bold"),
-                 Text(body.strip() or empty, style="" if body.strip() else "dim"), Text(""))
+    body = strip_control(body).strip()
+    return Group(Text(title, style="bold"), plain(body or empty, "" if body else "dim"),
+                 Text(""))
 
 
 class ReviewView(VerticalScroll):
@@ -77,11 +80,11 @@ class ReviewView(VerticalScroll):
             title.set_class(review.awaiting and not sent, "waiting")
             parent = "root" if proposal.parent_id is None else f"node {proposal.parent_id}"
             meta = Text.assemble(
-                ("parent ", "dim"), parent, ("  strategy ", "dim"), str(proposal.strategy),
-                ("  mutation ", "dim"), proposal.mutation or "–", "\n")
+                ("parent ", "dim"), parent, ("  strategy ", "dim"), plain(proposal.strategy),
+                ("  mutation ", "dim"), plain(proposal.mutation or "–"), "\n")
             if proposal.parent_rule:
-                meta.append_text(Text.assemble(("parent rule ", "dim"), proposal.parent_rule,
-                                               "\n"))
+                meta.append_text(Text.assemble(("parent rule ", "dim"),
+                                               plain(proposal.parent_rule), "\n"))
             self.query_one("#review-prose", Static).update(Group(
                 meta, Text(""),
                 _section("Analysis", proposal.analysis),
@@ -99,7 +102,7 @@ class ReviewView(VerticalScroll):
                             + " since this proposal was made")
         if review is not None and review.edit_error:
             problems.append(f"your edited version was refused: {review.edit_error}")
-        warning.update("\n".join(problems))
+        warning.update(plain("\n".join(problems)))
         warning.set_class(bool(problems), "shown")
         self._show_manual(state)
         target = snapshot.latest_code_change() if snapshot else None
@@ -115,6 +118,7 @@ class ReviewView(VerticalScroll):
         first = edits[0]
         others = f" (+{len(edits) - 1} more)" if len(edits) > 1 else ""
         self.query_one("#manual-title", Static).update(Text.assemble(
-            ("Manual edit detected: ", "bold"), f"{first.path} in the {first.where}{others}",
+            ("Manual edit detected: ", "bold"), plain(f"{first.path} in the {first.where}"),
+            others,
             ("   m adopt as the next node's code · i ignore", "dim")))
         self.query_one("#manual-diff", DiffView).diff = first.diff

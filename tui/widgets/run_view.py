@@ -9,9 +9,11 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
+from engine.progress import SIMULATION
 from tui.state import RunState
 from tui.widgets.line_view import LineView
 from tui.widgets.live_log import LiveLog
+from tui.widgets.plain import plain
 
 if TYPE_CHECKING:
     from tui.snapshot import RunSnapshot
@@ -19,6 +21,15 @@ if TYPE_CHECKING:
 
 def format_r2(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def progress_label(state: RunState) -> Text:
+    """What the progress bar counts: `simulating 40/200 frames`, `training 300/2000 steps`."""
+    if not state.steps:
+        return Text("training")
+    if state.progress_phase == SIMULATION:
+        return Text(f"simulating {state.step}/{state.steps} frames")
+    return Text(f"training {state.step}/{state.steps} steps")
 
 
 class RunView(Vertical):
@@ -68,11 +79,13 @@ class RunView(Vertical):
         lines.append(f" · block {state.block} · {state.phase}\n")
         parent = "root" if state.parent_id is None else str(state.parent_id)
         node = f"node {state.node_id}" if state.node_id is not None else "node –"
-        lines.append(f"{node} ← parent {parent} · strategy {state.strategy or '–'}\n")
-        lines.append("mutation   ", "dim")
-        lines.append((state.mutation or "–") + "\n")
-        lines.append("hypothesis ", "dim")
-        lines.append((state.hypothesis or "–") + "\n")
+        lines.append(f"{node} ← parent {parent} · strategy ")
+        lines.append_text(plain(state.strategy or "–"))
+        lines.append("\nmutation   ", "dim")
+        lines.append_text(plain(state.mutation or "–"))
+        lines.append("\nhypothesis ", "dim")
+        lines.append_text(plain(state.hypothesis or "–"))
+        lines.append("\n")
         best_r2, best_id = state.best_r2, None
         if snapshot is not None and snapshot.best_r2 is not None:
             best_r2, best_id = snapshot.best_r2, snapshot.best_id
@@ -91,8 +104,7 @@ class RunView(Vertical):
         self.query_one("#chart-range", Label).update(summary)
         bar = self.query_one("#train-progress", ProgressBar)
         bar.update(total=max(state.steps, 1), progress=min(state.step, max(state.steps, 1)))
-        label = f"training step {state.step}/{state.steps}" if state.steps else "training"
-        self.query_one("#progress-label", Label).update(label)
+        self.query_one("#progress-label", Label).update(progress_label(state))
 
     def on_line_view_follow_changed(self, event: LineView.FollowChanged) -> None:
         marker = self.query_one("#new-lines", Static)
