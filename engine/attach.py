@@ -218,6 +218,9 @@ class RunReader:
             return False
         if owner.get("host") not in (None, socket.gethostname()):
             return True  # another machine's process: trust the journal
+        held = _flock_held(self.paths.lock)
+        if held is not None:
+            return held  # the lock itself, not a pid that may have been reused
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -225,6 +228,18 @@ class RunReader:
         except PermissionError:
             return True
         return True
+
+
+def _flock_held(path: Path) -> bool | None:
+    """Whether some process holds a flock on `path`, from /proc/locks (None: cannot tell)."""
+    try:
+        stat = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    return any(fields[1] == "FLOCK" and fields[5] == device
+               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)
 
 
 class _LogTail:

@@ -46,7 +46,7 @@ def test_real_headless_exploration_on_the_tiny_config(tmp_path):
     assert analysis.count("## Iter ") == 3
     assert "Field: field_name=Jp, n_frames=8" in analysis
     status = proctor("status", "e2e", "--json")
-    rows = json.loads(status.stdout)
+    rows = json.loads(status.stdout)["nodes"]
     assert sorted(row["node_id"] for row in rows) == [1, 2, 3]
     # the user's own files are untouched by the run
     assert (project / "models" / "trainer.py").read_text() == \

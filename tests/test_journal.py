@@ -1,6 +1,7 @@
 """The journal: resume queries, idempotent steps, commands between processes, the engine lock,
 and what a SIGKILL leaves behind."""
 
+import json
 import os
 import random
 import signal
@@ -256,3 +257,15 @@ def test_client_errors_are_one_clear_message(tmp_path):
         raw.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(JournalError, match="schema version 99, newer"):
         Journal.open_for_engine(future)
+
+
+def test_a_viewer_judges_a_live_engine_by_its_lock_not_by_a_pid(run_dir):
+    """The lock file names a pid that is alive (this test's own) but holds no lock: no
+    engine drives the run, whatever process now has that pid."""
+    from engine.attach import _flock_held
+
+    lock = run_dir / "engine.lock"
+    with Journal.open_for_engine(run_dir):
+        assert _flock_held(lock) is True
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert _flock_held(lock) is False
