@@ -63,7 +63,8 @@ def _cells(row: ScoreRow, best_id: int | None) -> tuple[object, ...]:
 
 def node_label(row: ScoreRow, on_best_path: bool, best: bool) -> Text:
     """One line of the tree: `3 ★ best  R² 0.6113  done  [CODE]  <mutation>`."""
-    label = Text(str(row.node_id), style="bold green" if on_best_path else "bold")
+    label = Text()
+    label.append(str(row.node_id), "bold green" if on_best_path else "bold")
     if best:
         label.append(" ★ best", "bold green")
     label.append(f"  R² {_r2(row)}", "green" if on_best_path else "")
