@@ -22,8 +22,9 @@ from scripted_agent import ScriptedAgent
 from engine import events as ev
 from engine.attach import AttachedRun
 from engine.config import load_config
-from engine.journal import LOCK_FILE, Journal, RunEvent
+from engine.journal import Journal, RunEvent
 from engine.loop import Engine, RunSettings
+from engine.paths import LOCK_FILE
 from tui.app import attached_app
 from tui.settings import TuiSettings
 

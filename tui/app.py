@@ -452,18 +452,17 @@ class ProctorApp(App[None]):
 
     @work(name="edit", group="edit", exclusive=True, exit_on_error=False)
     async def _edit_proposal(self) -> None:
-        from engine.edits import EditError
+        from engine.review import find_review
         from tui.editor import EditorError, edit_files
 
         review = self.state.waiting_review
         if review is None or self.reader is None:
             return
-        try:
-            before, after = await asyncio.to_thread(self.reader.proposal_files, review.proposal)
-        except EditError as exc:
-            self.tell(Notice(f"cannot edit this proposal: {exc}", "error"))
+        journaled = await asyncio.to_thread(find_review, self.reader.journal, review.proposal_id)
+        if journaled is None or not journaled.texts:
+            self.tell(Notice("cannot edit this proposal: its review names no code", "error"))
             return
-        proposed = {path: text for path, text in after.items() if before.get(path) != text}
+        proposed = dict(journaled.texts)  # exactly what the engine prepared for review
         try:
             edited = edit_files(proposed, self._run_editor)
         except EditorError as exc:
