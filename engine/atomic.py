@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,10 @@ def write_atomic(
         raise
     if durable:
         fsync_directory(path.parent)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write (a file's or SQLite's) means the disk or the quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(exc) or "disk I/O error" in str(exc)

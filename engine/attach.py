@@ -188,25 +188,10 @@ class RunReader:
             best = self.tree.best_node()
         return (best.id, best.metrics.get("final_r2")) if best else (None, None)
 
-    def parent_config(self, parent_id: int | None) -> dict[str, Any]:
-        with self.lock:
-            if parent_id is None or parent_id not in self.tree:
-                return self.info.config.experiment_sections()
-            return self.tree.get(parent_id).config
-
-    def _commit_of(self, node_id: int | None) -> str:
-        """The commit whose code a node runs (the run's base commit for the root)."""
-        while node_id is not None and node_id in self.tree:
-            node = self.tree.get(node_id)
-            if node.commit is not None:
-                return node.commit
-            node_id = node.parent_id
-        return self.code.lineage.base
-
     def files_at(self, node_id: int | None) -> dict[str, str]:
         """The editable files as they are at a node (None: the run's base code)."""
         with self.lock:
-            commit = self._commit_of(node_id)
+            commit = self.tree.commit_of(node_id, self.code.lineage.base)
         return self.code.files_at_commit(commit)
 
     def engine_running(self) -> bool:

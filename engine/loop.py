@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import sqlite3
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 from engine import events as ev
 from engine.agent_view import AgentView
 from engine.agents.base import Agent, AgentPaused, Repair
+from engine.atomic import disk_full
 from engine.attempt import Attempt, Decision
 from engine.commits import NodeCommits
 from engine.config import ExperimentConfig
@@ -38,24 +38,12 @@ from engine.logs import RunLogs
 from engine.paths import RunPaths
 from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
-from engine.proposals import (
-    ProposalChecker,
-    ProposalRejected,
-    needs_review,
-    review_of,
-)
+from engine.proposals import ProposalChecker, ProposalRejected, needs_review, review_of
 from engine.records import RunRecords, attempt_proposals, nodes_from_journal
 from engine.review import Review
 from engine.runner import ProcessIdentity, Runner, RunResult, RunStatus, kill_orphan, make_runner
 from engine.runner.sandbox import missing_layers
-from engine.runs import (
-    EngineError,
-    OpenedRun,
-    RunSettings,
-    create_run,
-    package_of,
-    reopen_run,
-)
+from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package_of, reopen_run
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
 from engine.vcs import Lineage, VcsError
@@ -63,12 +51,6 @@ from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
 
 __all__ = ["Engine", "EngineError", "RunSettings"]
-
-
-def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "disk is full" in str(exc) or "disk I/O error" in str(exc)
 
 
 class Engine:
@@ -269,7 +251,7 @@ class Engine:
                     self.publish(ev.EngineError(reason))
                     break
                 except (OSError, sqlite3.Error) as exc:
-                    if not _disk_full(exc):
+                    if not disk_full(exc):
                         raise
                     self._pause(f"disk full while recording iteration {iteration} ({exc}); "
                                 f"free some space, then `proctor resume {self.settings.name}`")
@@ -438,17 +420,8 @@ class Engine:
         self.records.flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
         return Attempt(iteration, number, proposal, None)
 
-    def _commit_of(self, node_id: int | None) -> str:
-        """The commit whose code a node runs (the base for the root)."""
-        while node_id is not None:
-            node = self.tree.get(node_id)
-            if node.commit is not None:
-                return node.commit
-            node_id = node.parent_id
-        return self.lineage.base
-
     def _files_at(self, node_id: int | None) -> dict[str, str]:
-        return self.code.files_at_commit(self._commit_of(node_id))
+        return self.code.files_at_commit(self.tree.commit_of(node_id, self.lineage.base))
 
     # -- review -----------------------------------------------------------------------------
 
@@ -514,7 +487,7 @@ class Engine:
             self.view.forget(node.id)
             return node
         node = attempt.node
-        parent_commit = self._commit_of(node.parent_id)
+        parent_commit = self.tree.commit_of(node.parent_id, self.lineage.base)
         if node.code_changed:
             node = replace(node, commit=self.commits.commit(attempt, parent_commit))
             self.publish(ev.CodeCommitted(iteration, node.commit or ""))
@@ -539,7 +512,7 @@ class Engine:
         if stored is not None:
             return RunResult.from_dict(stored["result"])
         self.paths.node_dir(iteration).mkdir(parents=True, exist_ok=True)
-        commit = node.commit or self._commit_of(node.parent_id)
+        commit = node.commit or self.tree.commit_of(node.parent_id, self.lineage.base)
         if self._watcher is not None:  # an edit not reported yet must not vanish in the rebuild
             self._watcher.check_now(WORKSPACE)
         self.manual.expect_workspace(node.id, self.code.files_at_commit(commit))

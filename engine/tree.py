@@ -204,6 +204,16 @@ class Tree:
             ancestor = self._nodes[ancestor].parent_id
         return node
 
+    def commit_of(self, node_id: int | None, base: str) -> str:
+        """The commit whose code a node runs: its own, or its nearest ancestor's (`base` for
+        the root and for a node this tree does not hold)."""
+        while node_id is not None and node_id in self._nodes:
+            node = self._nodes[node_id]
+            if node.commit is not None:
+                return node.commit
+            node_id = node.parent_id
+        return base
+
     def put(self, node: Node) -> Node:
         """Add a node, or replace what a later attempt of its iteration changes (a repair
         keeps the id and parent; its code, config and strategy are new, its result not yet)."""
