@@ -48,6 +48,18 @@ SCRATCH_PREFIX = "proctor-"  # scratch dirs are named proctor-<kind>-<supervisor
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a mode needs to start a run's leader: the request, the setup the leader applies,
+    its environment, the fd its stdout/stderr go to, and for a trusted run its fd 3."""
+
+    request: RunRequest
+    setup: ChildSetup
+    env: dict[str, str]
+    output_fd: int
+    results_fd: int | None = None
+
+
 @dataclass
 class Spawned:
     """A started run leader, as a mode hands it over."""
@@ -122,16 +134,8 @@ class Runner(ABC):
 
     # -- what a mode provides
     @abstractmethod
-    async def _spawn(
-        self,
-        request: RunRequest,
-        setup: ChildSetup,
-        env: dict[str, str],
-        output_fd: int,
-        results_fd: int | None,
-    ) -> Spawned:
-        """Start the run's leader with `setup` applied, stdout/stderr on `output_fd` and, for a
-        trusted run, `results_fd` as its fd 3."""
+    async def _spawn(self, launch: Launch) -> Spawned:
+        """Start the run's leader as `launch` says."""
 
     async def _close_mode(self) -> None:
         return None
@@ -197,9 +201,8 @@ class Runner(ABC):
         spawned: Spawned | None = None
         try:
             try:
-                spawned = await self._spawn(
-                    request, setup, env, write_fd, channel.write_fd if channel else None
-                )
+                spawned = await self._spawn(Launch(
+                    request, setup, env, write_fd, channel.write_fd if channel else None))
             finally:
                 os.close(write_fd)
                 if channel is not None:

@@ -13,20 +13,15 @@ import os
 import sys
 
 from engine.runner import isolation
-from engine.runner.isolation import ChildSetup, ProcessIdentity
-from engine.runner.runner import Runner, Spawned
-from engine.runner.types import RunRequest
+from engine.runner.isolation import ProcessIdentity
+from engine.runner.runner import Launch, Runner, Spawned
 
 
-def spawn_subprocess(
-    request: RunRequest,
-    setup: ChildSetup,
-    env: dict[str, str],
-    output_fd: int,
-    results_fd: int | None,
-) -> Spawned:
+def spawn_subprocess(launch: Launch) -> Spawned:
     """Start a run as a fresh interpreter; must be called from the event loop's thread (the
     leader's parent-death signal is tied to the thread that spawned it)."""
+    request, setup, env = launch.request, launch.setup, launch.env
+    output_fd, results_fd = launch.output_fd, launch.results_fd
     argv = [
         sys.executable,
         "-I",
@@ -69,12 +64,5 @@ class SubprocessRunner(Runner):
 
     mode = "subprocess"
 
-    async def _spawn(
-        self,
-        request: RunRequest,
-        setup: ChildSetup,
-        env: dict[str, str],
-        output_fd: int,
-        results_fd: int | None,
-    ) -> Spawned:
-        return spawn_subprocess(request, setup, env, output_fd, results_fd)
+    async def _spawn(self, launch: Launch) -> Spawned:
+        return spawn_subprocess(launch)

@@ -24,10 +24,9 @@ from pathlib import Path
 
 from engine.runner import isolation
 from engine.runner.containment import ContainmentChoice
-from engine.runner.isolation import ChildSetup, ExitInfo, ProcessIdentity
-from engine.runner.runner import SCRATCH_PREFIX, Runner, Spawned
+from engine.runner.isolation import ExitInfo, ProcessIdentity
+from engine.runner.runner import SCRATCH_PREFIX, Launch, Runner, Spawned
 from engine.runner.subprocess_mode import spawn_subprocess
-from engine.runner.types import RunRequest
 
 # torch._dynamo too: an optimizer's constructor imports it (over a second, paid per run
 # otherwise). Importing it runs no torch operation and does not touch CUDA.
@@ -145,14 +144,9 @@ class _Zygote:
             if future is not None and not future.done():
                 future.set_result(ExitInfo(message["status"], message.get("maxrss_kb")))
 
-    async def spawn(
-        self,
-        request: RunRequest,
-        setup: ChildSetup,
-        env: dict[str, str],
-        output_fd: int,
-        results_fd: int | None,
-    ) -> Spawned:
+    async def spawn(self, launch: Launch) -> Spawned:
+        request, setup = launch.request, launch.setup
+        env, output_fd, results_fd = launch.env, launch.output_fd, launch.results_fd
         request_id = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
         self._started[request_id] = waiter
@@ -220,20 +214,13 @@ class ZygoteRunner(Runner):
         """The live zygote's pid, if one is running."""
         return self._zygote.pid if self._zygote is not None and not self._zygote.dead else None
 
-    async def _spawn(
-        self,
-        request: RunRequest,
-        setup: ChildSetup,
-        env: dict[str, str],
-        output_fd: int,
-        results_fd: int | None,
-    ) -> Spawned:
+    async def _spawn(self, launch: Launch) -> Spawned:
         problem = ""
         for _ in range(2):  # a zygote found dead at the send gets one replacement
             zygote = self._zygote
             stale = zygote is not None and (
                 zygote.dead
-                or zygote.env_key != _env_key(env)
+                or zygote.env_key != _env_key(launch.env)
                 or not isolation.is_running(zygote.pid)
             )
             if stale:
@@ -241,8 +228,8 @@ class ZygoteRunner(Runner):
             fresh = self._zygote is None
             try:
                 if self._zygote is None:
-                    self._zygote = await _Zygote.start(env, self._preload)
-                spawned = await self._zygote.spawn(request, setup, env, output_fd, results_fd)
+                    self._zygote = await _Zygote.start(launch.env, self._preload)
+                spawned = await self._zygote.spawn(launch)
             except (OSError, ZygoteLost, TimeoutError) as exc:
                 problem = str(exc) or type(exc).__name__
                 await self._close_mode()
@@ -252,7 +239,7 @@ class ZygoteRunner(Runner):
             if fresh:
                 spawned.warnings = self._zygote.warnings
             return spawned
-        spawned = spawn_subprocess(request, setup, env, output_fd, results_fd)
+        spawned = spawn_subprocess(launch)
         spawned.warnings = (f"zygote unavailable ({problem}); this run used a fresh subprocess",)
         return spawned
 
