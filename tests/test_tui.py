@@ -94,6 +94,7 @@ async def test_accept_runs_the_proposal_and_keys_show_only_when_they_apply(proje
         assert app.action_applies("accept") and app.action_applies("edit")
         assert "+BONUS = 0.01" in app.review_view.diff_view.diff
         shown = app.state.waiting_review
+        assert shown.proposal_id.startswith("3.")  # the id of the engine's journaled review
         await pilot.press("a")
         assert app.sent == [ev.Approve(proposal_id=shown.proposal_id)]
         assert not app.action_applies("accept")  # no second decision for the same proposal
