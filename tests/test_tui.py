@@ -297,9 +297,11 @@ async def test_the_progress_bar_follows_the_simulation_then_the_training():
                                            "[harness] simulated frame 40/200"]))
         await until(pilot, lambda: str(label.content) == "simulating 40/200 frames", "frames")
         assert app.run_view.query_one(ProgressBar).percentage == 0.2
+        assert app.state.phase == "simulating the dataset"  # the status line says so too
         source.publish(latest_progress(4, ["step 300/2000 loss 1.0e-02 steps/s 80.0"]))
         await until(pilot, lambda: str(label.content) == "training 300/2000 steps", "steps")
         assert app.run_view.query_one(ProgressBar).percentage == 0.15
+        assert app.state.phase == "training"
 
 
 # -- text from outside is text ---------------------------------------------------------------

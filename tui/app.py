@@ -371,6 +371,8 @@ class ProctorApp(App[None]):
                 return deciding and review is not None and bool(review.proposal.edits)
             case "toggle_diff":
                 return self.active_tab in ("review", "tree")
+            case "toggle_tree_layout":
+                return self.active_tab == "tree"
             case "revert":
                 return self._engine_listening() and self._revert_target() is not None
             case "adopt_manual" | "ignore_manual":
@@ -483,6 +485,9 @@ class ProctorApp(App[None]):
             return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                                   ).returncode
+
+    def action_toggle_tree_layout(self) -> None:
+        self.tree_view.action_toggle_layout()
 
     def action_toggle_diff(self) -> None:
         self.side_by_side = not self.side_by_side

@@ -20,6 +20,7 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("reject", "Reject the proposal", "reject it with a reason the agent reads"),
     ("edit", "Edit and accept", "edit the proposed files in $EDITOR, accept your version"),
     ("toggle_diff", "Toggle side-by-side diff", "unified or side-by-side code diffs"),
+    ("toggle_tree_layout", "Tree or table", "the node tree with guides, or the flat table"),
     ("revert", "Revert a node", "a new node with the code before this change"),
     ("adopt_manual", "Adopt the manual edit", "make the human edit the next node's code"),
     ("ignore_manual", "Ignore the manual edit", "dismiss the detected human edit"),

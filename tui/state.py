@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Literal
 
 from engine import events as ev
-from engine.progress import TRAINING
+from engine.progress import SIMULATION, TRAINING
 from engine.proposal import Proposal
 
 Severity = Literal["information", "warning", "error"]
@@ -23,6 +23,7 @@ class Phase(StrEnum):
     PROPOSING = "agent proposing"
     REVIEWING = "waiting for review"
     APPLYING = "applying"
+    SIMULATING = "simulating the dataset"
     TRAINING = "training"
     RECORDING = "recording"
     PAUSED = "paused"
@@ -162,6 +163,7 @@ class RunState:
             case ev.TrainingProgress(iteration=iteration, step=step, total=total, phase=phase):
                 if iteration == self.iteration:  # a late update of a finished run is stale
                     self.step, self.steps, self.progress_phase = step, total, phase
+                    self.phase = Phase.SIMULATING if phase == SIMULATION else Phase.TRAINING
             case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
                                  best_r2=best):
                 self.phase = Phase.RECORDING
