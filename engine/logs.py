@@ -23,15 +23,7 @@ import yaml
 
 from engine.atomic import fsync_directory, write_atomic
 from engine.memory import MEMORY_TEMPLATE, Memory, insert_do_not_retry, memory_warning
-
-# ANALYSIS_FILE, MEMORY_FILE, REASONING_FILE, SCORES_FILE and numbered are re-exported (the
-# `as` says so) for tui/widgets, until they import them from engine.paths.
-from engine.paths import ANALYSIS_FILE as ANALYSIS_FILE
-from engine.paths import MEMORY_FILE as MEMORY_FILE
-from engine.paths import REASONING_FILE as REASONING_FILE
-from engine.paths import SCORES_FILE as SCORES_FILE
 from engine.paths import RunPaths
-from engine.paths import numbered as numbered
 from engine.proposal import Proposal
 from engine.tree import Node, NodeStatus
 

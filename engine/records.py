@@ -61,14 +61,18 @@ class RunRecords:
         if iteration not in pending:
             self.state.unlogged = [*pending, iteration]
         self.logs.write_scores(self.tree.render_score_table(iteration + 1))
+        self.logs.settle_iterations([node])  # its memory line shows the outcome, not pending
         if iteration % self.exploration.block_size == 0:
             self.logs.snapshot_memory(block_of(iteration, self.exploration.block_size))
 
     def memory_rewritten(self, text: str) -> None:
-        """The agent's new memory.md, with proctor's do-not-retry notes put back."""
+        """The agent's new memory.md, with proctor's do-not-retry notes put back and every
+        finished node's outcome filled in."""
         self.logs.rewrite_memory(text)
         for note in self.state.do_not_retry:
             self.logs.add_do_not_retry(note)
+        # an agent's memory written from an older view must not bring back a pending line
+        self.logs.settle_iterations([node for node in self.tree if node.finished])
 
     def flush_analysis(self, next_parent: int | None, analysis: str) -> None:
         """Write the analysis entries of nodes finished since the last proposal."""

@@ -25,8 +25,8 @@ from engine.edits import (
 )
 from engine.journal import Journal
 from engine.loop import Engine, RunSettings
-from engine.state import POLICY_VIOLATIONS
 from engine.proposal import CodeEdit, Proposal, Strategy
+from engine.state import POLICY_VIOLATIONS
 
 WHITELIST = ["models/siren.py", "models/trainer.py"]
 FILES = {

@@ -45,6 +45,8 @@ def test_real_headless_exploration_on_the_tiny_config(tmp_path):
     analysis = (run_dir / "analysis.md").read_text()
     assert analysis.count("## Iter ") == 3
     assert "Field: field_name=Jp, n_frames=8" in analysis
+    memory = (run_dir / "memory.md").read_text()
+    assert "- Node 3 (" in memory and "-> pending" not in memory  # the last node settled too
     status = proctor("status", "e2e", "--json")
     rows = json.loads(status.stdout)["nodes"]
     assert sorted(row["node_id"] for row in rows) == [1, 2, 3]
