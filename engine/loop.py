@@ -40,7 +40,7 @@ from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
 from engine.proposals import ProposalChecker, ProposalRejected, needs_review, review_of
 from engine.records import RunRecords, attempt_proposals, nodes_from_journal
-from engine.review import Review
+from engine.review import Review, waiting_review
 from engine.runner import ProcessIdentity, Runner, RunResult, RunStatus, kill_orphan, make_runner
 from engine.runner.sandbox import missing_layers
 from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package_of, reopen_run
@@ -92,6 +92,7 @@ class Engine:
         self._pause_reason: str | None = None  # held in memory too: a full disk may refuse it
         self._started_at = time.monotonic()
         self._reviewing: Attempt | None = None
+        self._early: ev.Approve | ev.Reject | ev.ApproveEdited | None = None
         self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
                                    agent.name, self.journal.unfinished_iteration())
         self._watcher: EditWatcher | None = None
@@ -150,6 +151,10 @@ class Engine:
         attempt = self._reviewing
         what = f"{type(command).__name__.lower()} of proposal {command.proposal_id}"
         if attempt is None or attempt.review is None or attempt.decision is not None:
+            journaled = waiting_review(self.journal)
+            if journaled is not None and journaled.proposal_id == command.proposal_id:
+                self._early = command  # decided while no engine ran: kept for that one only
+                return
             self.publish(ev.EngineError(f"ignored the {what}: nothing waits for review"))
             return
         if command.proposal_id != attempt.review.proposal_id:
@@ -460,6 +465,9 @@ class Engine:
 
     async def _await_decision(self, attempt: Attempt) -> Decision:
         self._reviewing = attempt
+        early, self._early = self._early, None
+        if early is not None:
+            self._decide(early)
         self.state.stale_proposal = None
         for edit in self.manual.pending():  # a human edit already waiting on those files
             self._mark_stale(edit.path)

@@ -3,6 +3,7 @@ journal, real files. The scripted agent decides; everything else is the producti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -433,3 +434,36 @@ async def test_config_snapshots_hold_the_settings_that_ran(project):
     for path in (run_dir / "configs" / "iter_002.yaml", run_dir / "config.yaml"):
         exploration = yaml.safe_load(path.read_text())["exploration"]
         assert (exploration["iterations"], exploration["approval"]) == (2, "auto"), path
+
+
+async def test_a_decision_made_while_no_engine_ran_applies_to_that_proposal_on_resume(project):
+    """`proctor approve` while the engine is down: kept for the proposal that waited, which
+    the resumed engine applies without asking again (and no other proposal would take it)."""
+    config = load_config(project / "configs" / "fake.yaml")
+    run_dir = project / "log" / "r1"
+    first: list[ev.Event] = []
+
+    def stop_at_review(event):
+        first.append(event)
+        if isinstance(event, ev.ProposalReady) and event.awaiting_review:
+            engine.submit(ev.Stop("down for the night"))
+
+    engine = Engine.create(project, config, settings(project, iterations=3, approval="code"),
+                           ScriptedAgent(), stop_at_review)
+    await engine.run()
+    engine.close()
+    ready = [e for e in first if isinstance(e, ev.ProposalReady) and e.awaiting_review]
+    with Journal.open_for_client(run_dir) as client:
+        assert waiting_review(client).proposal_id == ready[0].proposal_id
+        client.post_command("Approve", {"proposal_id": ready[0].proposal_id,
+                                        "by": "Night Owl <owl@example.org>"})
+    seen: list[ev.Event] = []
+    resumed = Engine.reopen(run_dir, lambda c, s: ScriptedAgent(), seen.append)
+    await asyncio.wait_for(resumed.run(), 120)
+    resumed.close()
+    decided = [e for e in seen if isinstance(e, ev.ProposalDecided)]
+    assert [(d.iteration, d.approved, d.by, d.proposal_id) for d in decided] == [
+        (3, True, "human", ready[0].proposal_id)]
+    assert not any(isinstance(e, ev.EngineError) and "ignored" in e.message for e in seen)
+    message = git(project, "log", "-1", "--format=%B", resumed.tree.get(3).commit)
+    assert "Proctor-Approved-By: Night Owl <owl@example.org>" in message
