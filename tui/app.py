@@ -179,8 +179,8 @@ class ProctorApp(App[None]):
 
     def flush_events(self) -> None:
         """Apply what the pump collected since the last flush (a timer calls this)."""
-        if not self.screen.is_mounted or not self.query("#status"):
-            return  # shutting down: the widgets are gone
+        if not self.screen_stack or not self.screen.is_mounted or not self.query("#status"):
+            return  # shutting down: the screens or the widgets are gone
         events = self.pump.drain()
         if events:
             self.apply_events(events)
