@@ -44,8 +44,9 @@ def _r2(value: float | None) -> str:
 class HeadlessPrinter:
     """Turns events into lines; on a TTY keeps one redrawn progress line at the bottom."""
 
-    def __init__(self, stream: TextIO = sys.stdout, live: bool | None = None,
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None,
                  echo_log: bool = False):
+        stream = sys.stdout if stream is None else stream  # as it is now, not at import
         self.stream = stream
         self.live = stream.isatty() if live is None else live
         self.echo_log = echo_log

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine import events as ev
 from engine.edits import EditError, validate_files
+from engine.logs import strip_control
 from engine.proposal import CodeChange, Proposal, Strategy
 from engine.state import RunState
 from engine.tree import Tree
@@ -83,7 +84,7 @@ class HumanRequests:
 
     def signature(self) -> str:
         identity = self.identity()
-        return f"{identity.name} <{identity.email}>"
+        return strip_control(f"{identity.name} <{identity.email}>")
 
     def watch(self, places: dict[str, Path],
               on_edit: Callable[[str], None]) -> EditWatcher:

@@ -63,7 +63,15 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 def strip_control(text: str) -> str:
-    """Remove escape sequences and control characters except newline and tab."""
+    """Remove escape sequences and control characters except newline and tab; bytes that
+    were not UTF-8 (a command line's surrogate escapes) become U+FFFD, so the text can be
+    written anywhere."""
+    if not text.isascii():
+        try:
+            raw = text.encode("utf-8", "surrogateescape")  # the bytes the text came from
+        except UnicodeEncodeError:  # a surrogate no decoder made
+            raw = text.encode("utf-8", "replace")
+        text = raw.decode("utf-8", "replace")
     return _CONTROL.sub("", _ANSI.sub("", text))
 
 

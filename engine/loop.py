@@ -34,7 +34,7 @@ from engine.evaluation import EvaluationPlan, evaluate
 from engine.human import REVERT, HumanChange, HumanRequests
 from engine.inbox import POLL_S, CommandInbox
 from engine.journal import Journal, JournalLost, RunEvent, Step
-from engine.logs import RunLogs
+from engine.logs import RunLogs, strip_control
 from engine.paths import RunPaths
 from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
@@ -96,6 +96,7 @@ class Engine:
         self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
                                    agent.name, self.journal.unfinished_iteration())
         self._watcher: EditWatcher | None = None
+        self.failure: str | None = None  # why the run ended in error (its journal was lost)
         for node in nodes_from_journal(self.journal):  # an unfinished one is added on replay
             self.tree.add(node)
 
@@ -161,9 +162,10 @@ class Engine:
             self.publish(ev.EngineError(f"ignored the {what}: the one waiting is "
                                         f"{attempt.review.summary()}"))
             return
-        approver = command.by or self.humans.signature()
-        if isinstance(command, ev.Reject):
-            attempt.decision = Decision(False, command.reason, "human", approver=approver)
+        approver = strip_control(command.by) or self.humans.signature()
+        if isinstance(command, ev.Reject):  # the agent and memory.md read the reason: text only
+            attempt.decision = Decision(False, strip_control(command.reason), "human",
+                                        approver=approver)
         elif isinstance(command, ev.Approve):
             attempt.decision = Decision(True, by="human", approver=approver)
         else:
@@ -253,6 +255,7 @@ class Engine:
                     await self._iteration(iteration)
                 except JournalLost as exc:
                     journal_lost, reason = True, str(exc)
+                    self.failure = reason
                     self.publish(ev.EngineError(reason))
                     break
                 except (OSError, sqlite3.Error) as exc:
@@ -336,6 +339,9 @@ class Engine:
                 rejections.append(decision.reason)
                 repair = None
                 continue
+            await self._wait_while_paused()  # a pause holds an approved change too
+            if self._stop_reason is not None:
+                return
             try:
                 if decision.files is not None:  # the human's edited version is what runs
                     attempt.prepared = self.checker.prepare(

@@ -397,6 +397,23 @@ def test_status_into_a_closed_pipe_ends_quietly(project):
         assert done.returncode == 141
 
 
+def test_status_with_stdout_closed_or_on_a_full_disk_is_never_a_traceback(project):
+    """`proctor status r1 >&-` ends as if it printed; `>/dev/full` is one line and exit 1."""
+    create_run(project)
+    command = [sys.executable, "-m", "tui.cli", "status", "r1"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    closed = subprocess.run(command, cwd=project, env=env, stdout=None, stderr=subprocess.PIPE,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.close(1))
+    assert (closed.returncode, closed.stderr) == (0, "")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, cwd=project, env=env, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert done.stderr == "proctor: cannot write the output: No space left on device\n"
+
+
 def has_run_record(run_dir: Path) -> bool:
     try:
         with journal_of(run_dir) as journal:

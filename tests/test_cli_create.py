@@ -39,8 +39,10 @@ def project(reachable_tmp: Path) -> Path:
     return root
 
 
-def proctor_as_nobody(project: Path, mode: str) -> subprocess.CompletedProcess:
-    """`proctor run` as uid 65534 from `project`; "tui" runs it on a terminal (a pty)."""
+def proctor_as_nobody(project: Path, mode: str, command: list[str] = RUN
+                      ) -> subprocess.CompletedProcess:
+    """`proctor run` (or `command`) as uid 65534 from `project`; "tui" runs it on a terminal
+    (a pty)."""
     if unprivileged.available() is not None:
         pytest.skip(f"cannot run as an unprivileged user here: {unprivileged.available()}")
     unprivileged.give_to_nobody(project.parent)
@@ -48,7 +50,7 @@ def proctor_as_nobody(project: Path, mode: str) -> subprocess.CompletedProcess:
            "TERM": "xterm-256color"}
     env = unprivileged.environment_for_nobody(env, project.parent / "hold")
     argv = unprivileged.argv_as_nobody(
-        [sys.executable, "-m", "tui.cli", *RUN, *([mode] if mode != "tui" else [])])
+        [sys.executable, "-m", "tui.cli", *command, *([mode] if mode != "tui" else [])])
     if mode != "tui":
         return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True,
                               timeout=120, stdin=subprocess.DEVNULL)
@@ -143,3 +145,13 @@ def test_a_full_disk_at_run_creation(project, mode):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("proctor: cannot create run 'w1'"), lines
     assert "no space left" in lines[0].lower()
+
+
+def test_train_where_log_is_not_writable_is_one_line_and_exit_2(project):
+    (project / "log").chmod(0o555)
+    result = proctor_as_nobody(project, "--quiet", ["train", "configs/fake.yaml"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("proctor: cannot write the results of the run under ")
+    assert list((project / "log").iterdir()) == []

@@ -467,3 +467,54 @@ async def test_a_decision_made_while_no_engine_ran_applies_to_that_proposal_on_r
     assert not any(isinstance(e, ev.EngineError) and "ignored" in e.message for e in seen)
     message = git(project, "log", "-1", "--format=%B", resumed.tree.get(3).commit)
     assert "Proctor-Approved-By: Night Owl <owl@example.org>" in message
+
+
+async def test_a_reject_reason_is_text_whatever_bytes_the_human_typed(project):
+    """A reason with a byte that is not UTF-8 (`--reason $'caf\\xe9'`) and terminal escapes
+    reaches the agent and memory as plain text; the engine runs on."""
+    agent = ScriptedAgent()
+    seen: list[ev.Event] = []
+
+    def publish(event):
+        seen.append(event)
+        if isinstance(event, ev.ProposalReady) and event.awaiting_review:
+            waiting = [e for e in seen if isinstance(e, ev.ProposalReady) and e.awaiting_review]
+            with Journal.open_for_client(project / "log" / "r1") as client:
+                if len(waiting) == 1:
+                    client.post_command("Reject", {"proposal_id": event.proposal_id,
+                                                   "reason": "caf\udce9 \x1b]0;x\x07\x1b[31mno"})
+                else:
+                    client.post_command("Approve", {"proposal_id": event.proposal_id})
+
+    config = load_config(project / "configs" / "fake.yaml")
+    engine = Engine.create(project, config, settings(project, iterations=3, approval="code"),
+                           agent, publish)
+    await engine.run()
+    engine.close()
+    third = [c for c in agent.contexts if c.iteration == 3]
+    assert third[-1].rejections == ("caf\ufffd no",)
+    assert engine.tree.get(3).code_changed
+
+
+async def test_a_pause_holds_a_proposal_approved_while_paused(project):
+    """Paused while a proposal waits, then approved: nothing trains until the run resumes."""
+    seen: list[ev.Event] = []
+
+    def publish(event):
+        seen.append(event)
+        if isinstance(event, ev.ProposalReady) and event.awaiting_review:
+            engine.submit(ev.Pause("lunch"))
+            engine.submit(ev.Approve(event.proposal_id))
+        if isinstance(event, ev.ProposalDecided) and event.by == "human":
+            engine.submit(ev.ResumeRun())  # taken only once the pause holds the iteration
+
+    config = load_config(project / "configs" / "fake.yaml")
+    engine = Engine.create(project, config, settings(project, iterations=3, approval="code"),
+                           ScriptedAgent(), publish)
+    await engine.run()
+    engine.close()
+    kinds = [(type(e).__name__, getattr(e, "iteration", None)) for e in seen
+             if isinstance(e, ev.ProposalDecided | ev.Paused | ev.Resumed | ev.TrainingStarted)]
+    assert kinds[kinds.index(("ProposalDecided", 3)):] == [
+        ("ProposalDecided", 3), ("Resumed", None), ("TrainingStarted", 3)]
+    assert ("Paused", None) in kinds[:kinds.index(("ProposalDecided", 3))]

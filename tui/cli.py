@@ -168,6 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `proctor` console script."""
+    _ensure_standard_streams()
     try:
         try:
             args = _build_parser().parse_args(argv)
@@ -192,6 +193,22 @@ def main(argv: list[str] | None = None) -> int:
             raise  # some other pipe broke: that is a real error
         discard_output(sys.stdout)  # `proctor ... | head`: end quietly
         return EXIT_READER_GONE
+    except OSError as exc:  # stdout on a full disk or /dev/full: say so, in one line
+        from engine.headless import discard_output
+
+        discard_output(sys.stdout)
+        _complain(f"cannot write the output: {exc.strerror or exc}")
+        return 1
+
+
+def _ensure_standard_streams() -> None:
+    """A closed stdout or stderr (`proctor status RUN >&-`) reads as /dev/null, so printing
+    never meets a missing stream."""
+    import os
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - lives as long as we do
 
 
 def _complain(text: str) -> None:

@@ -22,7 +22,7 @@ from engine.config import (
     load_config,
 )
 from engine.logs import strip_control
-from engine.paths import RunPaths, data_cache, log_root, run_dir_of, train_dir
+from engine.paths import RunPaths, log_root, run_dir_of, train_dir
 from tui.usage import UsageError
 
 METRIC_ORDER = ("final_r2", "heldout_r2", "pearson_r2", "slope", "final_mse", "training_time_s",
@@ -61,22 +61,18 @@ def train(config_path: Path, *, runner: str, device: str | None, quiet: bool) ->
     """Run the config once through the four sandboxed steps and print the scorer's metrics."""
     from engine.evaluation import EvaluationPlan, evaluate
     from engine.runner import RunStatus, make_runner
+    from engine.runs import package_of
 
     config, root = _load(config_path)
     out_dir = train_dir(root, time.strftime("%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write the results of the run under {log_root(root)}: "
+                         f"{exc.strerror or exc}") from None
     log_path = out_dir / "training.log"
-    exploration = config.exploration
-    key_file = exploration.anthropic.key_file
-    plan = EvaluationPlan(
-        harness=exploration.harness,
-        data_cache=data_cache(root),
-        timeouts=exploration.timeouts,
-        limits=exploration.limits,
-        hide=(Path(key_file).expanduser(),) if key_file else (),
-        device=device,
-    )
-    package = exploration.harness.split(".")[0]
+    plan = EvaluationPlan.of(config.exploration, root, device)
+    package = package_of(config)
 
     def populate(folder: Path) -> None:
         shutil.copytree(root / package, folder / package,
@@ -356,11 +352,12 @@ def _resume_live(folder: Path, iterations: int | None) -> int:
 
 
 def _drive(engine) -> int:
+    """Run the engine to its end; 1 when the run ended in error (its journal was lost)."""
     try:
         asyncio.run(engine.run())
     finally:
         engine.close()
-    return 0
+    return 1 if engine.failure else 0
 
 
 def open_run(folder: Path):
