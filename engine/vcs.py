@@ -158,7 +158,12 @@ def head_commit(work_tree: Path) -> str:
     with open_repo(work_tree) as repo:
         try:
             return run_git(repo, "rev-parse", "--verify", "-q", "HEAD^{commit}").decode()
-        except VcsError:
+        except VcsError as exc:
+            if "dubious ownership" in str(exc):  # git's own guard, not a missing commit
+                raise VcsError(
+                    f"git refuses the repository {work_tree}: it belongs to another user. "
+                    f"If you trust it: git config --global --add safe.directory {work_tree}"
+                ) from None
             raise VcsError(
                 f"the git repository {work_tree} has no commit yet: commit the experiment "
                 "first (git add -A && git commit -m base), then start the run"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import unprivileged
 from git_project import UserState, git, make_git_project
 from scripted_agent import ScriptedAgent
 
@@ -406,3 +407,25 @@ async def test_a_project_in_a_subfolder_of_the_repository(tmp_path):
         "experiments/fake/models/siren.py"
     assert node2.metrics["final_r2"] == pytest.approx(engine.tree.get(1).metrics["final_r2"]
                                                       + 0.03)
+
+
+def test_a_repository_git_distrusts_is_named_as_such_not_as_empty(reachable_tmp):
+    """Another user's repository (git's safe.directory guard) gets the command that trusts
+    it, not "no commit yet"."""
+    if unprivileged.available() is not None or os.geteuid() != 0:
+        pytest.skip("needs root, to look at root's repository as another user")
+    repo = make_git_project(reachable_tmp / "project")
+    for top, _, files in os.walk(reachable_tmp):  # readable by all, still root's
+        os.chmod(top, 0o755)
+        for name in files:
+            os.chmod(os.path.join(top, name), 0o644)
+    code = ("import sys\nfrom engine.vcs import VcsError, head_commit\n"
+            "try:\n    head_commit(__import__('pathlib').Path(sys.argv[1]))\n"
+            "except VcsError as exc:\n    print(exc)\n")
+    env = unprivileged.environment_for_nobody(
+        {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent),
+         "HOME": str(reachable_tmp)}, reachable_tmp / "hold")
+    done = subprocess.run(unprivileged.argv_as_nobody([sys.executable, "-c", code, str(repo)]),
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert "belongs to another user" in done.stdout, done.stdout + done.stderr
+    assert f"safe.directory {repo}" in done.stdout
