@@ -214,7 +214,9 @@ class Journal:
         path = RunPaths(Path(run_dir)).journal
         if not path.is_file():
             raise JournalError(f"no journal at {path}: is '{Path(run_dir).name}' a proctor run?")
-        return cls(path, _connect(path, create=False), None)
+        # a teammate who may read the run but not write it still gets to watch it
+        writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+        return cls(path, _connect(path, create=False, read_only=not writable), None)
 
     def close(self) -> None:
         """Close the database and release the engine lock (if held)."""
@@ -420,12 +422,18 @@ class Journal:
     def post_command(self, kind: str, payload: Any = None) -> int:
         """Queue a command for the engine (from any process); returns its id."""
         text = _encode(payload)
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO commands (kind, payload, created_at) VALUES (?, ?, ?)",
-                (kind, text, time.time()),
-            )
-            return cursor.lastrowid or 0
+        try:
+            with self._write() as db:
+                cursor = db.execute(
+                    "INSERT INTO commands (kind, payload, created_at) VALUES (?, ?, ?)",
+                    (kind, text, time.time()),
+                )
+                return cursor.lastrowid or 0
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc):
+                raise
+            raise JournalError(f"cannot send {kind} to the run: you may read {self.path} but "
+                               "not write it (ask its owner, or run as them)") from None
 
     def take_commands(self) -> list[Command]:
         """The engine's side: every unconsumed command, oldest first, marked consumed atomically."""
@@ -500,9 +508,12 @@ def _read_lock_owner(lock_fd: int) -> str:
         return "pid unknown"
 
 
-def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
-    """Open the database durable and shareable, creating or migrating its schema."""
-    mode = "rwc" if create else "rw"
+def _connect(path: Path, *, create: bool, read_only: bool = False) -> sqlite3.Connection:
+    """Open the database durable and shareable, creating or migrating its schema; a
+    `read_only` connection only reads (it changes neither the mode nor the schema)."""
+    mode = "ro" if read_only else "rwc" if create else "rw"
+    if read_only and not Path(f"{path}-shm").exists():
+        mode += "&immutable=1"  # no engine has it open: nothing can change while we read
     try:
         db = sqlite3.connect(
             f"file:{path}?mode={mode}",
@@ -514,6 +525,11 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise JournalError(f"cannot open the journal {path}: {exc}") from None
     try:
+        if read_only:
+            version = _schema_version(db)
+            if version is None or version > SCHEMA_VERSION:
+                raise JournalError(f"the journal {path} is not one this proctor can read")
+            return db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         _ensure_schema(db, path, create=create)

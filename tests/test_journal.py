@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import unprivileged
 
 from engine.journal import (
     Journal,
@@ -269,3 +270,37 @@ def test_a_viewer_judges_a_live_engine_by_its_lock_not_by_a_pid(run_dir):
         assert _flock_held(lock) is True
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert _flock_held(lock) is False
+
+
+READER = ("import sys\nfrom engine.journal import Journal, JournalError\n"
+          "journal = Journal.open_for_client(sys.argv[1])\n"
+          "print(' '.join(e.step for e in journal.events()))\n"
+          "try:\n    journal.post_command('Stop', {})\nexcept JournalError as exc:\n"
+          "    print(exc)\n")
+
+
+@pytest.mark.parametrize("engine_alive", [True, False])
+def test_a_user_who_may_only_read_a_run_can_still_watch_it(reachable_tmp, engine_alive):
+    """A teammate with read access (not write) reads the journal, live or stopped, and is
+    told plainly why a command cannot be sent."""
+    if os.geteuid() != 0 or unprivileged.available() is not None:
+        pytest.skip("needs root, to read root's run as another user")
+    run_dir = reachable_tmp / "run"
+    journal = Journal.open_for_engine(run_dir)
+    journal.append_run_event(RunEvent.RUN_CREATED, {"settings": {}})
+    journal.append(1, Step.STARTED, {"block": 1})
+    if not engine_alive:
+        journal.close()
+    try:
+        env = unprivileged.environment_for_nobody(
+            {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
+            reachable_tmp / "hold")
+        done = subprocess.run(
+            unprivileged.argv_as_nobody([sys.executable, "-c", READER, str(run_dir)]),
+            env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        if engine_alive:
+            journal.close()
+    lines = done.stdout.splitlines()
+    assert lines[:1] == ["run_created started"], done.stdout + done.stderr
+    assert "cannot send Stop to the run: you may read" in done.stdout
