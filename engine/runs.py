@@ -193,11 +193,14 @@ def reopen_run(run_dir: Path, iterations: int | None = None) -> OpenedRun:
         if iterations is not None:
             settings = replace(settings, iterations=iterations)
         repo = stored_repo(journal, run_dir)
+        running = effective_config(config, settings)
+        if iterations is not None:  # config.yaml says what runs, as at creation
+            write_atomic(RunPaths(run_dir).config,
+                         yaml.safe_dump(running.model_dump(mode="json"), sort_keys=False))
     except BaseException:
         journal.close()
         raise
-    return OpenedRun(run_dir, Path(record["project_root"]), effective_config(config, settings),
-                     settings, journal, repo)
+    return OpenedRun(run_dir, Path(record["project_root"]), running, settings, journal, repo)
 
 
 def stored_repo(journal: Journal, run_dir: Path) -> RepoInfo:

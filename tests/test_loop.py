@@ -434,6 +434,11 @@ async def test_config_snapshots_hold_the_settings_that_ran(project):
     for path in (run_dir / "configs" / "iter_002.yaml", run_dir / "config.yaml"):
         exploration = yaml.safe_load(path.read_text())["exploration"]
         assert (exploration["iterations"], exploration["approval"]) == (2, "auto"), path
+    resumed = Engine.reopen(run_dir, lambda c, s: ScriptedAgent(), iterations=3)
+    await resumed.run()
+    resumed.close()
+    for path in (run_dir / "configs" / "iter_003.yaml", run_dir / "config.yaml"):
+        assert yaml.safe_load(path.read_text())["exploration"]["iterations"] == 3, path
 
 
 async def test_a_decision_made_while_no_engine_ran_applies_to_that_proposal_on_resume(project):

@@ -26,7 +26,7 @@ class EngineState(StrEnum):
 _AFTER_STEP: dict[str, str] = {
     Step.STARTED: "waits for the agent's proposal",
     Step.PROPOSAL_STORED: "is preparing its proposal",
-    Step.REVIEW: "is applying its proposal",
+    Step.REVIEW: "is applying its proposal",  # unless the review waits for a human
     Step.DECISION: "is applying its proposal",
     Step.APPLIED: "is starting its training",
     Step.RUN_STARTED: "is training",
@@ -93,8 +93,10 @@ def read_activity(reader: RunReader) -> RunActivity:
         engine = EngineState.STOPPED if reader.stopped is not None else EngineState.CRASHED
     iteration = journal.unfinished_iteration()
     last = journal.last_step(iteration) if iteration is not None else None
+    review = waiting_review(journal)
+    step = _AFTER_STEP.get(last.step) if last is not None else None
     return RunActivity(
         name=reader.info.name, engine=engine, stopped=reader.stopped,
-        paused=RunState(journal).paused, review=waiting_review(journal), iteration=iteration,
-        step=_AFTER_STEP.get(last.step) if last is not None else None,
+        paused=RunState(journal).paused, review=review, iteration=iteration,
+        step="waits for review" if review is not None else step,
     )

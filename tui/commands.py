@@ -397,7 +397,9 @@ def status(run: str, *, as_json: bool) -> int:
     for row in sorted(rows, key=lambda r: r.node_id):
         parent = "root" if row.parent_id is None else str(row.parent_id)
         r2 = "nan" if not math.isfinite(row.r2) else f"{row.r2:.4f}"
-        code = "[CODE] " if row.code_changed else ""
+        # the marker, unless the mutation already says so (the agents write "[code] ...")
+        code = "[CODE] " if row.code_changed and not row.mutation.lower().startswith(
+            "[code]") else ""
         say(f"{row.node_id:>5} {parent:>6} {r2:>8} {row.score:>7.3f} {row.visits:>6}  "
             f"{row.status:<9} {code}{row.mutation}")
     if best is not None:
