@@ -19,6 +19,7 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 # Upper bounds on sizes and counts refuse a typo that asks for centuries of work, yet leave
 # room for a week-long run on one large GPU (an H200: ~1e9 small training steps in a week).
 MAX_FRAMES = 10_000
+MAX_SIMULATION_UPDATES = 10**11  # the default scene is 2.7e7 (about 90 s on this CPU)
 MAX_STEPS = 1_000_000_000
 _NOT_AN_INTEGER = {"int_type", "int_parsing", "int_from_float"}
 _COUNT_IN_DIGITS = ", written in digits (YAML reads 1e8 as text and 1.0e+8 as a float)"
@@ -64,6 +65,19 @@ class SimulationSettings(_Section):
     gravity: Annotated[float, Field(allow_inf_nan=False)] = 20.0
     youngs_modulus: Positive = 1000.0
     poisson_ratio: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+
+    @model_validator(mode="after")
+    def _within_a_weeks_work(self) -> SimulationSettings:
+        # each key has its bound, but their product is the work: particles and grid cells,
+        # every substep of every frame
+        updates = ((len(self.materials) * self.particles_per_disc + self.n_grid**2)
+                   * self.substeps_per_frame * self.n_frames)
+        if updates > MAX_SIMULATION_UPDATES:
+            raise ValueError(
+                f"the simulation asks for {updates:.1e} particle and grid-cell updates, over "
+                f"the {MAX_SIMULATION_UPDATES:.0e} of about a week on one CPU core; lower "
+                "n_frames, substeps_per_frame, particles_per_disc or n_grid")
+        return self
 
     @model_validator(mode="after")
     def _discs_fit_the_box(self) -> SimulationSettings:

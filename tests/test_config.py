@@ -251,8 +251,16 @@ DIGITS = ", written in digits (YAML reads 1e8 as text and 1.0e+8 as a float)"
             "simulation: {n_frames: 100000000}",
             "simulation.n_frames: Input should be less than or equal to 10000",
         ),
+        (
+            "simulation: {particles_per_disc: 1000000, n_frames: 10000, n_grid: 1024, "
+            "disc_radius: 0.05}",
+            "simulation: the simulation asks for 1.6e+12 particle and grid-cell "
+            "updates, over the 1e+11 of about a week on one CPU core; lower n_frames, "
+            "substeps_per_frame, particles_per_disc or n_grid",
+        ),
     ],
-    ids=["steps", "steps-1e29", "steps-float", "substeps-1e8", "substeps", "frames"],
+    ids=["steps", "steps-1e29", "steps-float", "substeps-1e8", "substeps", "frames",
+         "each-within-bounds-but-years-together"],
 )
 def test_absurd_sizes_are_refused_by_the_experiment_schema(tmp_path, line, message):
     path = write(tmp_path, f"description: x\n{line}\n")
