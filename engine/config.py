@@ -147,12 +147,15 @@ class AnthropicSettings(_Strict):
         return value
 
 
+MAX_ITERATIONS = 100_000  # the config's bound, and `--iterations`'s
+
+
 class Exploration(_Strict):
     """How proctor drives the experiment; the other sections belong to the experiment itself."""
 
     agent: Literal["heuristic", "anthropic"] | None = None  # None: anthropic when a key is set
     approval: Literal["auto", "code", "all"] = "code"
-    iterations: Annotated[Count, Field(le=100_000)] = 24
+    iterations: Annotated[Count, Field(le=MAX_ITERATIONS)] = 24
     block_size: Annotated[Count, Field(le=10_000)] = 12
     score: Literal["puct", "ucb1"] = "puct"
     ucb_c: float = 1.414

@@ -93,6 +93,10 @@ def test_unknown_run_and_bad_numbers_are_usage_errors(project):
     zero = proctor("run", str(project / "configs" / "fake.yaml"), "--iterations", "0",
                    cwd=project)
     assert zero.returncode == 2 and "must be at least 1" in zero.stderr
+    centuries = proctor("run", str(project / "configs" / "fake.yaml"), "--iterations",
+                        "100000000", cwd=project)
+    assert centuries.returncode == 2 and "must be at most 100,000" in centuries.stderr
+    assert not (project / "log").exists()
 
 
 def test_a_headless_run_into_a_pipe_its_reader_closed_runs_to_the_end(project, tmp_path):

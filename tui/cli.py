@@ -43,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "starts the engine in the background, where it survives logging out (see attach).",
     )
     run.add_argument("config", type=Path, help="experiment config (YAML)")
-    run.add_argument("--iterations", type=_positive_int, help="iterations to run in total")
+    run.add_argument("--iterations", type=_iteration_count, help="iterations to run in total")
     run.add_argument("--headless", action="store_true", help="no TUI: plain progress lines")
     run.add_argument("--detach", action="store_true",
                      help="run in the background (survives logout); prints how to attach")
@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     on_run = {name: _on_run(commands, name, help, description)
               for name, (help, description) in RUN_COMMANDS.items()}
-    on_run["resume"].add_argument("--iterations", type=_positive_int,
+    on_run["resume"].add_argument("--iterations", type=_iteration_count,
                                   help="raise the iteration count")
     on_run["resume"].add_argument("--log", action="store_true", help="echo the training logs")
     on_run["status"].add_argument("--json", action="store_true", help="machine-readable fields")
@@ -113,6 +113,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _iteration_count(text: str) -> int:
+    from engine.config import MAX_ITERATIONS
+
+    value = _positive_int(text)
+    if value > MAX_ITERATIONS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_ITERATIONS:,}")
     return value
 
 
