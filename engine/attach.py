@@ -34,7 +34,7 @@ from engine.review import Review
 from engine.runner.types import RunResult
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, TreeError, status_after_run
-from engine.watch import PENDING_KEY, ManualEdit
+from engine.watch import ManualEdit
 from engine.workspace import CodeStore
 
 # Per poll, at most this many new log lines reach the viewer (the file keeps them all).
@@ -418,7 +418,7 @@ class AttachedRun:
         """Manual edits and stale proposals, from the state the engine keeps in the journal."""
         journal = self.reader.journal
         pending: dict[str, ManualEdit] = {}
-        for item in journal.state(PENDING_KEY, []) or []:
+        for item in RunState(journal).manual_edits:
             with contextlib.suppress(KeyError, TypeError):
                 edit = ManualEdit.from_dict(item)
                 pending[edit.path] = edit

@@ -17,6 +17,8 @@ POLICY_VIOLATIONS = "policy_violations"
 SANDBOX_MISSING = "sandbox_missing"
 DO_NOT_RETRY = "do_not_retry"
 UNLOGGED = "unlogged"
+MANUAL_EDITS = "manual_edits"  # humans' edits of editable files, awaiting adopt or ignore
+CHECKOUT_SEEN = "checkout_seen"  # the checkout's editable files as proctor last saw them
 AGENT_COST = "agent_cost"  # the Claude agent's ledger: calls, usage, usd_total
 AGENT_BUDGET = "agent_budget_usd"  # a human's raised budget, over the config's
 
@@ -108,6 +110,11 @@ class RunState:
     @unlogged.setter
     def unlogged(self, node_ids: list[int]) -> None:
         self._set_list(UNLOGGED, node_ids)
+
+    @property
+    def manual_edits(self) -> list[dict[str, Any]]:
+        """Pending human edits (`engine.watch.ManualEdit` records)."""
+        return [item for item in self._list(MANUAL_EDITS) if isinstance(item, dict)]
 
     @property
     def agent_spent_usd(self) -> float | None:

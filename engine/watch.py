@@ -19,13 +19,12 @@ from typing import Any, Protocol
 import watchfiles
 
 from engine.edits import EditError, read_code, unified_diff
+from engine.state import CHECKOUT_SEEN, MANUAL_EDITS
 
 CHECKOUT, WORKSPACE = "checkout", "workspace"
 DEBOUNCE_MS = 50
 STEP_MS = 25
 STOP_WAIT_S = 2.0
-PENDING_KEY = "manual_edits"
-SEEN_KEY = "checkout_seen"
 
 
 class StateStore(Protocol):
@@ -63,19 +62,19 @@ class ManualEdits:
         self.store = store
         self.editable = list(editable)
         self.expected: dict[tuple[str, str], str] = {
-            (CHECKOUT, path): text for path, text in store.state(SEEN_KEY, {}).items()}
+            (CHECKOUT, path): text for path, text in store.state(CHECKOUT_SEEN, {}).items()}
         self.workspace_node: int | None = None
 
     def pending(self, path: str | None = None) -> list[ManualEdit]:
-        edits = [ManualEdit.from_dict(item) for item in self.store.state(PENDING_KEY, [])]
+        edits = [ManualEdit.from_dict(item) for item in self.store.state(MANUAL_EDITS, [])]
         return [edit for edit in edits if path is None or edit.path == path]
 
     def _save(self, edits: list[ManualEdit]) -> None:
-        self.store.set_state(PENDING_KEY, [edit.to_dict() for edit in edits] or None)
+        self.store.set_state(MANUAL_EDITS, [edit.to_dict() for edit in edits] or None)
 
     def remember_checkout(self, texts: Mapping[str, str]) -> None:
         """The checkout's texts as proctor has seen them (at run creation)."""
-        self.store.set_state(SEEN_KEY, dict(texts))
+        self.store.set_state(CHECKOUT_SEEN, dict(texts))
         self.expected.update({(CHECKOUT, path): text for path, text in texts.items()})
 
     def expect_workspace(self, node_id: int, texts: Mapping[str, str]) -> None:
@@ -111,7 +110,7 @@ class ManualEdits:
         for edit in taken:
             self.expected[(edit.where, edit.path)] = edit.after
         seen = {path: text for (where, path), text in self.expected.items() if where == CHECKOUT}
-        self.store.set_state(SEEN_KEY, seen)
+        self.store.set_state(CHECKOUT_SEEN, seen)
         return taken
 
 

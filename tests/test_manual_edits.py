@@ -19,8 +19,8 @@ from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal
 from engine.loop import Engine, RunSettings
-from engine.state import STALE_PROPOSAL
-from engine.watch import CHECKOUT, PENDING_KEY, WORKSPACE, ManualEdits
+from engine.state import MANUAL_EDITS, STALE_PROPOSAL
+from engine.watch import CHECKOUT, WORKSPACE, ManualEdits
 
 DEADLINE_S = 10.0
 
@@ -138,7 +138,7 @@ async def test_human_edit_while_a_proposal_is_pending_marks_it_stale(project):
         assert (stale.iteration, stale.path) == (3, "models/siren.py")
         with Journal.open_for_client(project / "log" / "r1") as client:
             assert client.state(STALE_PROPOSAL) == {"iteration": 3, "paths": ["models/siren.py"]}
-            assert client.state(PENDING_KEY)[0]["after"].endswith("BONUS = 0.5\n")
+            assert client.state(MANUAL_EDITS)[0]["after"].endswith("BONUS = 0.5\n")
         engine.submit(ev.IgnoreManualEdit("models/siren.py"))
         engine.submit(ev.Approve(proposal.proposal_id))
         await asyncio.wait_for(task, 30)
@@ -148,7 +148,7 @@ async def test_human_edit_while_a_proposal_is_pending_marks_it_stale(project):
     resolved = recorder.of(ev.ManualEditResolved)
     assert [(r.path, r.adopted) for r in resolved] == [("models/siren.py", False)]
     with Journal.open_for_client(project / "log" / "r1") as client:
-        assert client.state(PENDING_KEY) is None and client.state(STALE_PROPOSAL) is None
+        assert client.state(MANUAL_EDITS) is None and client.state(STALE_PROPOSAL) is None
 
 
 async def test_adopting_a_checkout_edit_makes_a_human_node(project):
