@@ -6,12 +6,9 @@ again for a proposal it already stored. Events go out through `publish`; command
 through `submit` (same process) or the journal (other processes).
 
 A decision names the journaled review it answers (`proposal_id`): one for another proposal,
-or sent while nothing waits, is refused at once, never held for a later proposal.
-
-Code lives in git (`engine.vcs`): a node that changes code is a commit on its parent's
-commit; every run executes from a workspace rebuilt at its node's commit. Proposals are
-checked in `engine.proposals`, humans' own nodes come from `engine.human`, run folders are
-made and reopened by `engine.runs`."""
+or sent while nothing waits, is refused at once, never held for a later proposal. Proposals
+are checked in `engine.proposals`, humans' own nodes come from `engine.human`, code commits
+from `engine.commits`, run folders are made and reopened by `engine.runs`."""
 
 from __future__ import annotations
 
@@ -241,7 +238,6 @@ class Engine:
             self.paths.workspace.mkdir(parents=True, exist_ok=True)
             watcher = self._watcher = self.humans.watch(
                 {CHECKOUT: self.project_root, WORKSPACE: self.paths.workspace}, self._mark_stale)
-        journal_lost = False
         try:
             await self._kill_orphaned_run()
             iteration = unfinished or self.journal.next_iteration()
@@ -254,8 +250,7 @@ class Engine:
                 try:
                     await self._iteration(iteration)
                 except JournalLost as exc:
-                    journal_lost, reason = True, str(exc)
-                    self.failure = reason
+                    self.failure = reason = str(exc)
                     self.publish(ev.EngineError(reason))
                     break
                 except (OSError, sqlite3.Error) as exc:
@@ -276,7 +271,7 @@ class Engine:
         best = self.tree.best_node()
         finished = ev.RunFinished(reason, best.id if best else None,
                                   best.metrics.get("final_r2") if best else None)
-        if not journal_lost:
+        if self.failure is None:
             self.records.flush_analysis(next_parent=None, analysis="")
             self.journal.append_run_event(RunEvent.STOPPED, {"reason": reason})
         self.publish(finished)
