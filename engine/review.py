@@ -44,7 +44,6 @@ class Review:
     policy_violation: bool = False
     by_human: bool = False  # a revert or an adopted edit: a human's own change
     parent_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
