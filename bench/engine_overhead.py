@@ -27,8 +27,9 @@ from scripted_agent import ScriptedAgent  # noqa: E402
 
 from engine import events as ev  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.loop import Engine, RunSettings  # noqa: E402
+from engine.loop import Engine  # noqa: E402
 from engine.runner import RunResult, RunStatus  # noqa: E402
+from engine.runs import RunSettings  # noqa: E402
 
 TARGET_MS = 20.0
 

@@ -34,8 +34,9 @@ from textual.binding import Binding  # noqa: E402
 
 from engine.agents.base import AgentContext, AgentReply  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.loop import Engine, RunSettings  # noqa: E402
+from engine.loop import Engine  # noqa: E402
 from engine.proposal import Proposal, Strategy  # noqa: E402
+from engine.runs import RunSettings  # noqa: E402
 from tui.app import ProctorApp  # noqa: E402
 from tui.settings import TuiSettings  # noqa: E402
 from tui.source import EngineSource  # noqa: E402

@@ -40,14 +40,12 @@ from engine.records import RunRecords, attempt_proposals, nodes_from_journal
 from engine.review import Review, waiting_review
 from engine.runner import ProcessIdentity, Runner, RunResult, RunStatus, kill_orphan, make_runner
 from engine.runner.sandbox import missing_layers
-from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package_of, reopen_run
+from engine.runs import OpenedRun, RunSettings, create_run, package_of, reopen_run
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
 from engine.vcs import Lineage, VcsError
 from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
-
-__all__ = ["Engine", "EngineError", "RunSettings"]
 
 
 class Engine:
@@ -449,8 +447,10 @@ class Engine:
             return Decision.from_dict(stored)
         # the diff is readable by any viewer before the decision, not only once applied
         self.logs.write_change(iteration, attempt.review.diff, attempt.review.config_diff)
+        early = self._early  # decided while no engine ran: no need to wait, nor to say so
+        decided = early is not None and early.proposal_id == attempt.review.proposal_id
         self.publish(ev.ProposalReady(iteration, attempt.proposal, attempt.review.diff,
-                                      attempt.review.config_diff, waiting,
+                                      attempt.review.config_diff, waiting and not decided,
                                       attempt.review.proposal_id))
         decision = Decision(True, by="human" if attempt.human is not None else "policy")
         if waiting:

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripted_agent import ScriptedAgent  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
-from engine.loop import Engine, RunSettings  # noqa: E402
+from engine.loop import Engine  # noqa: E402
+from engine.runs import RunSettings  # noqa: E402
 
 
 def main() -> int:

@@ -39,8 +39,9 @@ from engine.agents.base import AgentContext, AgentGaveUp, AgentPaused, NodeSumma
 from engine.apikey import ApiKeyError, load_api_key
 from engine.config import ConfigError, Prices, load_config
 from engine.journal import Journal
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
 from engine.proposal import Strategy
+from engine.runs import RunSettings
 from engine.state import AGENT_BUDGET, AGENT_COST
 
 HERE = Path(__file__).resolve().parent

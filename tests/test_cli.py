@@ -141,7 +141,7 @@ from dataclasses import asdict
 from pathlib import Path
 from engine.config import load_config
 from engine.journal import Journal, RunEvent
-from engine.loop import RunSettings
+from engine.runs import RunSettings
 
 project, name = Path(sys.argv[1]), sys.argv[2]
 config_path = project / "configs" / "fake.yaml"

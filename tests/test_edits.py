@@ -24,8 +24,9 @@ from engine.edits import (
     write_files,
 )
 from engine.journal import Journal
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
 from engine.proposal import CodeEdit, Proposal, Strategy
+from engine.runs import RunSettings
 from engine.state import POLICY_VIOLATIONS
 
 WHITELIST = ["models/siren.py", "models/trainer.py"]

@@ -20,8 +20,9 @@ from scripted_agent import ScriptedAgent
 from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal, RunLockedError, Step
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
 from engine.review import find_review, waiting_review
+from engine.runs import RunSettings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

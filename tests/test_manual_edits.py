@@ -18,7 +18,8 @@ from scripted_agent import ScriptedAgent
 from engine import events as ev
 from engine.config import load_config
 from engine.journal import Journal
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
+from engine.runs import RunSettings
 from engine.state import MANUAL_EDITS, STALE_PROPOSAL
 from engine.watch import CHECKOUT, WORKSPACE, ManualEdits
 

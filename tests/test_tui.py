@@ -25,9 +25,10 @@ from engine import events as ev
 from engine.agents.base import AgentReply
 from engine.config import load_config
 from engine.journal import Journal, RunEvent
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
 from engine.progress import latest_progress
 from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
+from engine.runs import RunSettings
 from tui.app import ProctorApp, live_app
 from tui.pump import EventPump
 from tui.settings import TuiSettings

@@ -23,8 +23,9 @@ from engine import events as ev
 from engine.attach import AttachedRun
 from engine.config import load_config
 from engine.journal import Journal, RunEvent
-from engine.loop import Engine, RunSettings
+from engine.loop import Engine
 from engine.paths import LOCK_FILE
+from engine.runs import RunSettings
 from tui.app import attached_app
 from tui.settings import TuiSettings
 

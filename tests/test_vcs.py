@@ -20,8 +20,9 @@ from scripted_agent import ScriptedAgent
 from engine import events as ev
 from engine.agents.base import AgentReply
 from engine.config import load_config
-from engine.loop import Engine, EngineError, RunSettings
+from engine.loop import Engine
 from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
+from engine.runs import EngineError, RunSettings
 from engine.vcs import (
     Identity,
     Lineage,

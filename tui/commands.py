@@ -128,7 +128,7 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
     """Start a new exploration run: in the TUI (`headless` off, on a terminal), headless, or
     `detach`ed in a background process."""
     from engine.agents import default_agent_name
-    from engine.loop import RunSettings
+    from engine.runs import RunSettings
 
     config, root = _load(config_path)
     exploration = config.exploration
@@ -153,7 +153,8 @@ def _create_engine(root: Path, config: ExperimentConfig, settings, publish):
     """A new run's engine; whatever stops its creation (a taken name, a folder that is not
     writable, a full disk) is one UsageError."""
     from engine.journal import JournalError
-    from engine.loop import Engine, EngineError
+    from engine.loop import Engine
+    from engine.runs import EngineError
 
     try:
         agent = _agent_factory(None)(config, settings)
@@ -315,7 +316,8 @@ def resume(run: str, *, iterations: int | None, echo_log: bool) -> int:
     """Continue a stopped or crashed run here; a run an engine drives is asked to resume."""
     from engine.headless import HeadlessPrinter
     from engine.journal import JournalError, RunLockedError
-    from engine.loop import Engine, EngineError
+    from engine.loop import Engine
+    from engine.runs import EngineError
     from engine.state import RunState
 
     folder = find_run(run)
