@@ -14,12 +14,12 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from engine.journal import Journal, JournalError, RunEvent, Step
 from engine.review import Review, proposal_id, waiting_review
@@ -125,14 +125,6 @@ def test_start_up_does_not_import_torch_or_anthropic():
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]"
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 CREATOR = """

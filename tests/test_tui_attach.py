@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from scripted_agent import ScriptedAgent
+from waiting import wait_for
 
 from engine import events as ev
 from engine.attach import AttachedRun
@@ -50,14 +50,6 @@ def start_engine(root: Path, name: str, iterations: int, approval: str) -> subpr
         [sys.executable, str(HERE / "loop_driver.py"), str(root), name, str(iterations),
          approval], cwd=REPO,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def essentials(events: list[ev.Event]) -> list[tuple]:
