@@ -92,7 +92,7 @@ class Engine:
                                    agent.name, self.journal.unfinished_iteration())
         self._watcher: EditWatcher | None = None
         self.failure: str | None = None  # why the run ended in error (its journal was lost)
-        for node in nodes_from_journal(self.journal):  # an unfinished one is added on replay
+        for node in nodes_from_journal(self.journal):
             self.tree.add(node)
 
     @classmethod

@@ -12,19 +12,14 @@ from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of
 
 
-def nodes_from_journal(journal: Journal, *, unfinished: bool = False) -> list[Node]:
-    """The nodes the journal records, in order: finished ones as recorded; with
-    `unfinished`, also the applied node of an iteration still going."""
-    going = set(journal.unfinished_iterations())
+def nodes_from_journal(journal: Journal) -> list[Node]:
+    """The finished nodes the journal records, in order (an unfinished iteration's node is
+    added when a resume replays its step)."""
     nodes = []
-    for iteration in sorted(set(journal.completed_iterations()) | going):
+    for iteration in journal.completed_iterations():
         recorded = journal.payload(iteration, Step.RECORDED)
         if recorded is not None and recorded.get("node"):
             nodes.append(Node.from_dict(recorded["node"]))
-        elif unfinished and iteration in going:
-            applied = journal.payload(iteration, Step.APPLIED)
-            if applied is not None:
-                nodes.append(Node.from_dict(applied["node"]))
     return nodes
 
 
