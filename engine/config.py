@@ -7,6 +7,7 @@ so the CLI can print it and exit 2 without a traceback.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,6 +148,89 @@ class AnthropicSettings(_Strict):
         return value
 
 
+SLOT_ROLES = ("exploit", "exploit_second", "explore", "challenge")
+
+
+class JobQueueCluster(_Strict):
+    """A dask-jobqueue cluster proctor starts itself: each Dask worker is a batch job.
+
+    The keys mirror dask-jobqueue's own (queue, cores, memory, walltime, job_extra_directives,
+    job_script_prologue), so a lab's existing settings carry over; `adaptive_minimum` and
+    `adaptive_maximum` bound how many jobs it keeps."""
+
+    system: Literal["slurm", "lsf", "pbs"]
+    queue: str | None = None
+    account: str | None = None  # Slurm --account, LSF -P, PBS -A
+    cores: Annotated[Count, Field(le=4096)] = 2
+    memory: str = "8GB"
+    gpus: Annotated[CountFromZero, Field(le=64)] = 0
+    walltime: str = "04:00:00"
+    job_extra_directives: list[str] = []
+    job_script_prologue: list[str] = []  # shell lines before the worker starts (module load ...)
+    python: str | None = None  # the workers' Python (default: the one running proctor)
+    interface: str | None = None  # network interface of the workers and scheduler (ib0, ...)
+    local_directory: str | None = None  # node-local scratch for the workers
+    adaptive_minimum: Annotated[CountFromZero, Field(le=10_000)] = 0
+    adaptive_maximum: Annotated[Count, Field(le=10_000)] = 4
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", value.strip(), re.IGNORECASE):
+            raise ValueError("must be a size such as 8GB or 16GiB")
+        return value.strip()
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", value.strip()):
+            raise ValueError("must be a time such as 04:00:00, 30:00 or 1-00:00:00")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _bounds(self) -> JobQueueCluster:
+        if self.adaptive_minimum > self.adaptive_maximum:
+            raise ValueError("adaptive_minimum must not exceed adaptive_maximum")
+        return self
+
+
+class DaskSettings(_Strict):
+    """Where `executor: dask` sends runs: an existing scheduler's address, a jobqueue cluster
+    proctor starts, or `local` (a LocalCluster of `parallel` worker processes on this box)."""
+
+    scheduler: str | None = None  # tcp://host:8786, tls://..., or "local"
+    cluster: JobQueueCluster | None = None
+    # a run whose worker was lost is sent again this many times before it counts as failed
+    retries: Annotated[CountFromZero, Field(le=10)] = 1
+    # on each worker: where runs and the simulated data cache live (default: its temp dir)
+    scratch: str | None = None
+    connect_timeout_s: Annotated[Seconds, Field(le=3600)] = 30.0
+
+    @model_validator(mode="after")
+    def _one_place(self) -> DaskSettings:
+        if self.scheduler is not None and self.cluster is not None:
+            raise ValueError("give either scheduler or cluster, not both")
+        return self
+
+
+class ExecutorSettings(_Strict):
+    """Where the k slots of `parallel` run: `local` (sandboxed runs on this machine, each
+    pinned to its own GPU where there are several) or `dask` (one task per run)."""
+
+    kind: Literal["local", "dask"] = "local"
+    # local: the device each slot trains on, e.g. [cuda:0, cuda:1]; empty: one visible GPU per
+    # slot when this machine has GPUs, else the config's training.device
+    devices: list[str] = []
+    dask: DaskSettings = DaskSettings()
+
+    @model_validator(mode="after")
+    def _dask_has_a_place(self) -> ExecutorSettings:
+        if self.kind == "dask" and self.dask.scheduler is None and self.dask.cluster is None:
+            raise ValueError("executor dask needs dask.scheduler (an address, or local) "
+                             "or dask.cluster (slurm, lsf or pbs)")
+        return self
+
+
 MAX_ITERATIONS = 100_000  # the config's bound, and `--iterations`'s
 
 
@@ -162,7 +246,10 @@ class Exploration(_Strict):
     seed: int = 0
     target_r2: float | None = None
     max_wall_hours: Annotated[float, Field(gt=0, le=366 * 24, allow_inf_nan=False)] | None = None
-    parallel: Annotated[Count, Field(le=64)] = 1
+    parallel: Annotated[Count, Field(le=64)] = 1  # nodes in flight at once (slots)
+    # what each slot is asked for, slot 1 first (the original's parallel mode); empty: any
+    slot_roles: list[Literal["exploit", "exploit_second", "explore", "challenge"]] = []
+    executor: ExecutorSettings = ExecutorSettings()
     runner: Literal["zygote", "subprocess"] = "zygote"
     repair_attempts: Annotated[CountFromZero, Field(le=10)] = 2
     # uncommitted changes to editable files at run start: refuse (with instructions) or

@@ -24,8 +24,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -57,6 +57,7 @@ class EvaluationPlan:
     limits: Limits = Limits()
     hide: tuple[Path, ...] = ()  # key files: never visible to a step, even inside an exposed path
     device: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # e.g. the slot's CUDA_VISIBLE_DEVICES
 
     @classmethod
     def of(cls, exploration: Exploration, project_root: Path,
@@ -133,6 +134,7 @@ class _Evaluation:
             append_log=bool(self.results),
             timeouts=self.plan.timeouts,
             limits=self.plan.limits,
+            env=self.plan.env,
         )
         result = await self.runner.run(request, on_output=self.on_output,
                                        on_started=self.on_started)

@@ -23,6 +23,7 @@ class RunOpened(Event):
     total_iterations: int
     resumed_at: int | None = None
     sandbox_missing: tuple[str, ...] = ()  # layers of the runs' sandbox this OS lacks, and why
+    slots: tuple[str, ...] = ()  # where each slot runs, slot 1 first ("local slot 1", ...)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class TrainingStarted(Event):
     node_id: int
     parent_id: int | None
     mutation: str
-    pid: int
+    pid: int  # the local step's leader; 0 for a run on a Dask worker
+    slot: int = 1
+    where: str = ""  # "local slot 2 on GPU 1", "dask worker tcp://10.1.2.3:40211"
 
 
 @dataclass(frozen=True)

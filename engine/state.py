@@ -10,7 +10,8 @@ from typing import Any
 from engine.journal import Journal
 
 PAUSED = "paused"
-ACTIVE_RUN = "active_run"
+ACTIVE_RUN = "active_run"  # one run in flight, as engines before slots journaled it
+ACTIVE_RUNS = "active_runs"
 HUMAN_QUEUE = "human_queue"
 STALE_PROPOSAL = "stale_proposal"
 POLICY_VIOLATIONS = "policy_violations"
@@ -55,6 +56,31 @@ class RunState:
     @active_run.setter
     def active_run(self, identity: dict[str, Any] | None) -> None:
         self.journal.set_state(ACTIVE_RUN, identity)
+
+    @property
+    def active_runs(self) -> dict[int, dict[str, Any]]:
+        """Runs in flight by iteration: `{"slot", "where", "record"}`, `record` being what
+        the executor needs to find the run again (`engine.executors.Placement.record`)."""
+        value = self.journal.state(ACTIVE_RUNS)
+        runs = {int(key): item for key, item in value.items() if isinstance(item, dict)} \
+            if isinstance(value, dict) else {}
+        legacy = self.active_run
+        if legacy is not None and not runs:
+            runs[0] = {"slot": 1, "where": "local slot 1", "record": {"kind": "local", **legacy}}
+        return runs
+
+    def set_active_run(self, iteration: int, placement: dict[str, Any] | None) -> None:
+        """Record (or with None forget) where `iteration`'s run executes."""
+        runs = self.active_runs
+        runs.pop(0, None)
+        if placement is None:
+            runs.pop(iteration, None)
+        else:
+            runs[iteration] = placement
+        self.journal.set_state(ACTIVE_RUNS, {str(key): item for key, item in runs.items()}
+                               or None)
+        if self.active_run is not None:
+            self.active_run = None
 
     @property
     def human_queue(self) -> list[dict[str, Any]]:

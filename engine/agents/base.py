@@ -43,6 +43,21 @@ class Repair:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """A proposal of another slot that is not finished yet (waiting for review, applied or
+    training): a parallel proposal should not repeat it."""
+
+    iteration: int
+    slot: int
+    parent_id: int | None
+    mutation: str
+    config_changes: Mapping[str, Any]  # dotted key -> new value, relative to its parent
+    code_change: str | None  # the described code change, None for a config-only proposal
+    status: str  # "review", "pending" or "running"
+    role: str | None = None
+
+
+@dataclass(frozen=True)
 class AgentContext:
     """Everything the agent sees for one iteration. Log text inside is untrusted data."""
 
@@ -62,6 +77,12 @@ class AgentContext:
     repair: Repair | None = None
     read_file: Callable[[int | None, str], str] = field(default=lambda node, path: "")
     attempt: int | None = None  # the loop's attempt number for this iteration, when it knows it
+    slot: int = 1  # which of the run's `slots` this proposal runs in
+    slots: int = 1
+    # what this slot is asked for (exploration.slot_roles): exploit, exploit_second, explore,
+    # challenge (a principle of memory.md); None: the protocol's own choice
+    role: str | None = None
+    in_flight: tuple[InFlight, ...] = ()  # the other slots' unfinished proposals
 
     def node(self, node_id: int) -> NodeSummary:
         return next(n for n in self.nodes if n.id == node_id)

@@ -50,6 +50,7 @@ class RunStatus(StrEnum):
     DIVERGED = "diverged"
     RESOURCE_LIMIT = "resource_limit"
     STOPPED = "stopped"
+    LOST = "lost"  # the machine running it went away (a Dask worker): not the code's fault
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,54 @@
+"""Where a run's slots execute their nodes: `local` (this machine) or `dask` (a cluster).
+
+    executor = make_executor(config, project_root, sandbox_root, make_runner)
+
+`engine.executors.dask_cluster` (the Dask executor) is imported only when a config asks for
+it: Dask is an optional extra (`pip install 'proctor[dask]'`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.config import ExperimentConfig
+from engine.evaluation import EvaluationPlan
+from engine.executors.base import (
+    Executor,
+    ExecutorError,
+    NodeJob,
+    PlacedCallback,
+    Placement,
+    Populate,
+)
+from engine.executors.local import LocalExecutor
+from engine.runner import Runner
+
+__all__ = [
+    "Executor",
+    "ExecutorError",
+    "LocalExecutor",
+    "NodeJob",
+    "PlacedCallback",
+    "Placement",
+    "Populate",
+    "make_executor",
+]
+
+
+def make_executor(config: ExperimentConfig, project_root: Path, sandbox_root: Path,
+                  make_runner: Callable[[], Runner]) -> Executor:
+    """The executor `exploration.executor` names, with `exploration.parallel` slots.
+    ExecutorError (one line) when it cannot be had, e.g. Dask is not installed."""
+    exploration = config.exploration
+    plan = EvaluationPlan.of(exploration, project_root)
+    settings = exploration.executor
+    if settings.kind == "local":
+        return LocalExecutor(exploration.parallel, plan, sandbox_root, make_runner,
+                             devices=settings.devices)
+    try:
+        from engine.executors.dask_cluster import DaskExecutor
+    except ImportError as exc:
+        raise ExecutorError(
+            f"executor: dask needs Dask ({exc.name or exc}): pip install 'proctor[dask]'"
+        ) from None
+    return DaskExecutor(exploration.parallel, plan, settings.dask)
