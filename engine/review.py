@@ -73,22 +73,28 @@ def diff_counts(diff: str) -> tuple[int, int]:
     return added, removed
 
 
+def waiting_reviews(journal: Journal) -> list[Review]:
+    """The reviews humans must decide now, oldest iteration first: per unfinished iteration
+    (one per slot in flight) its latest review, if it awaits and no decision is recorded for
+    its attempt."""
+    waiting = []
+    for iteration in journal.unfinished_iterations():
+        latest: Review | None = None
+        decided: set[int] = set()
+        for event in journal.events(iteration):
+            if event.step == Step.REVIEW:
+                latest = Review.from_dict(event.payload)
+            elif event.step == Step.DECISION:
+                decided.add(event.attempt)
+        if latest is not None and latest.awaiting and latest.attempt not in decided:
+            waiting.append(latest)
+    return waiting
+
+
 def waiting_review(journal: Journal) -> Review | None:
-    """The review a human must decide now: the latest review of the unfinished iteration,
-    awaiting, with no decision recorded for its attempt; None when nothing waits."""
-    iteration = journal.unfinished_iteration()
-    if iteration is None:
-        return None
-    latest: Review | None = None
-    decided: set[int] = set()
-    for event in journal.events(iteration):
-        if event.step == Step.REVIEW:
-            latest = Review.from_dict(event.payload)
-        elif event.step == Step.DECISION:
-            decided.add(event.attempt)
-    if latest is None or not latest.awaiting or latest.attempt in decided:
-        return None
-    return latest
+    """The oldest review that waits for a human (see `waiting_reviews`); None when none."""
+    waiting = waiting_reviews(journal)
+    return waiting[0] if waiting else None
 
 
 def find_review(journal: Journal, proposal_id: str) -> Review | None:
