@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.agents.base import AgentContext, NodeSummary, Repair
+from engine.agents.base import AgentContext, InFlight, NodeSummary, Repair
 from engine.config import ExperimentConfig
 from engine.logs import RunLogs, log_tail
 from engine.paths import RunPaths
@@ -42,7 +42,8 @@ class AgentView:
             return ""
 
     def context(self, iteration: int, attempt: int, repair: Repair | None,
-                rejections: list[str]) -> AgentContext:
+                rejections: list[str], *, slot: int = 1, slots: int = 1,
+                role: str | None = None, in_flight: tuple[InFlight, ...] = ()) -> AgentContext:
         size = self.exploration.block_size
         candidate_rows = self.tree.candidates(iteration)
         score_table = self.tree.render_score_table(iteration)
@@ -66,6 +67,10 @@ class AgentView:
             repair=repair,
             read_file=lambda node_id, path: self.files_at(node_id).get(path, ""),
             attempt=attempt,
+            slot=slot,
+            slots=slots,
+            role=role,
+            in_flight=in_flight,
         )
 
     def _all_summaries(self, iteration: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from engine.attempt import Attempt
 from engine.journal import Journal, Step
@@ -14,19 +15,19 @@ class NodeCommits:
     """Commits nodes' code on their parents' commits, the same way after a crash."""
 
     def __init__(self, lineage: Lineage, code: CodeStore, journal: Journal, run: str,
-                 agent_name: str, resumed_at: int | None):
+                 agent_name: str, resumed: Collection[int]):
         self.lineage = lineage
         self.code = code
         self.journal = journal
         self.run = run
         self.agent_name = agent_name
-        self.resumed_at = resumed_at  # the iteration a resume re-entered
+        self.resumed = frozenset(resumed)  # the iterations a resume re-entered
 
     def commit(self, attempt: Attempt, parent_commit: str) -> str:
         """The node's commit; after a crash mid-commit the refs name it if it got that far
         (if not, committing again makes the identical commit: its dates are fixed)."""
         iteration, number = attempt.iteration, attempt.number
-        if iteration == self.resumed_at:
+        if iteration in self.resumed:
             commit = self.lineage.node_attempt_commit(iteration, number)
             if commit is not None:
                 return commit

@@ -5,6 +5,12 @@ under the same iteration number, from its last completed step, without asking th
 again for a proposal it already stored. Events go out through `publish`; commands come in
 through `submit` (same process) or the journal (other processes).
 
+With `exploration.parallel: k`, k iterations are in flight at once, each in a slot of the
+executor (`engine.executors`). Iteration numbers are taken in journal order when a slot
+starts one; the agent is asked for one proposal at a time, with the other slots' unfinished
+proposals in its context; a review holds only its own slot; a pause holds new starts and
+approved changes, never a run already training.
+
 A decision names the journaled review it answers (`proposal_id`): one for another proposal,
 or sent while nothing waits, is refused at once, never held for a later proposal. Proposals
 are checked in `engine.proposals`, humans' own nodes come from `engine.human`, code commits
@@ -17,17 +23,17 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine import events as ev
 from engine.agent_view import AgentView
-from engine.agents.base import Agent, AgentPaused, Repair
+from engine.agents.base import Agent, AgentPaused, InFlight, Repair
 from engine.atomic import disk_full
 from engine.attempt import Attempt, Decision
 from engine.commits import NodeCommits
 from engine.config import ExperimentConfig
-from engine.evaluation import EvaluationPlan, evaluate
+from engine.executors import Executor, ExecutorError, NodeJob, Placement, make_executor
 from engine.human import REVERT, HumanChange, HumanRequests
 from engine.inbox import POLL_S, CommandInbox
 from engine.journal import Journal, JournalLost, RunEvent, Step
@@ -37,10 +43,10 @@ from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
 from engine.proposals import ProposalChecker, ProposalRejected, needs_review, review_of
 from engine.records import RunRecords, attempt_proposals, nodes_from_journal
-from engine.review import Review, waiting_review
-from engine.runner import ProcessIdentity, Runner, RunResult, RunStatus, kill_orphan, make_runner
+from engine.review import Review, waiting_reviews
+from engine.runner import Runner, RunResult, RunStatus, make_runner
 from engine.runner.sandbox import missing_layers
-from engine.runs import OpenedRun, RunSettings, create_run, package_of, reopen_run
+from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package_of, reopen_run
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
 from engine.vcs import Lineage, VcsError
@@ -48,12 +54,23 @@ from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
 
 
+@dataclass
+class Flight:
+    """One iteration in flight: the slot it holds, and its current attempt once proposed."""
+
+    iteration: int
+    slot: int
+    role: str | None
+    attempt: Attempt | None = None
+    phase: str = "proposing"  # proposing, review, pending, running
+
+
 class Engine:
     """Drives one run. Create with `Engine.create` or `Engine.reopen`, then `await run()`."""
 
     def __init__(self, opened: OpenedRun, agent: Agent,
                  publish: Callable[[ev.Event], None] = lambda event: None,
-                 runner: Runner | None = None):
+                 runner: Runner | None = None, executor: Executor | None = None):
         self.run_dir = opened.run_dir
         self.paths = RunPaths(opened.run_dir)
         self.project_root = opened.project_root
@@ -81,15 +98,24 @@ class Engine:
         self.view = AgentView(self.config, self.project_root, self.tree, self.checker, self.logs,
                               self.paths, self._files_at)
         self.records = RunRecords(self.config, self.journal, self.logs, self.tree)
-        self.runner = runner or make_runner(self.settings.runner)
+        try:
+            self.executor = executor or make_executor(
+                self.config, self.project_root, self.paths.sandbox,
+                (lambda: runner) if runner is not None else
+                (lambda: make_runner(self.settings.runner)))
+        except ExecutorError as exc:
+            raise EngineError(str(exc)) from None
         self.inbox = CommandInbox(self.journal, publish)
         self._stop_reason: str | None = None
         self._pause_reason: str | None = None  # held in memory too: a full disk may refuse it
         self._started_at = time.monotonic()
-        self._reviewing: Attempt | None = None
-        self._early: ev.Approve | ev.Reject | ev.ApproveEdited | None = None
+        self._flights: dict[int, Flight] = {}
+        self._reviewing: dict[str, Attempt] = {}  # proposal id -> the attempt awaiting it
+        self._early: dict[str, ev.Approve | ev.Reject | ev.ApproveEdited] = {}
+        self._tick = asyncio.Event()  # set (and replaced) after every command acted on
+        self._agent_turn: asyncio.Lock | None = None  # one proposal at a time
         self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
-                                   agent.name, self.journal.unfinished_iteration())
+                                   agent.name, self.journal.unfinished_iterations())
         self._watcher: EditWatcher | None = None
         self.failure: str | None = None  # why the run ended in error (its journal was lost)
         for node in nodes_from_journal(self.journal):
@@ -119,6 +145,10 @@ class Engine:
     def close(self) -> None:
         self.journal.close()
 
+    @property
+    def slots(self) -> int:
+        return self.executor.slots
+
     # -- commands ---------------------------------------------------------------------------
 
     def submit(self, command: ev.Command) -> None:
@@ -126,7 +156,7 @@ class Engine:
         self.inbox.put(command)
 
     def _dispatch(self, command: ev.Command) -> None:
-        """Act on one command now; a decision binds only to the review waiting now."""
+        """Act on one command now; a decision binds only to a review waiting now."""
         match command:
             case ev.Stop(reason=reason):
                 self._stop_reason = reason
@@ -142,20 +172,24 @@ class Engine:
                 self.humans.ignore(path)
             case ev.Approve() | ev.Reject() | ev.ApproveEdited():
                 self._decide(command)
+        self._tick.set()
+        self._tick = asyncio.Event()
 
     def _decide(self, command: ev.Approve | ev.Reject | ev.ApproveEdited) -> None:
-        attempt = self._reviewing
+        attempt = self._reviewing.get(command.proposal_id)
         what = f"{type(command).__name__.lower()} of proposal {command.proposal_id}"
         if attempt is None or attempt.review is None or attempt.decision is not None:
-            journaled = waiting_review(self.journal)
-            if journaled is not None and journaled.proposal_id == command.proposal_id:
-                self._early = command  # decided while no engine ran: kept for that one only
+            journaled = [review for review in waiting_reviews(self.journal)
+                         if review.proposal_id not in self._reviewing]
+            if any(review.proposal_id == command.proposal_id for review in journaled):
+                self._early[command.proposal_id] = command  # decided while no engine ran
                 return
-            self.publish(ev.EngineError(f"ignored the {what}: nothing waits for review"))
-            return
-        if command.proposal_id != attempt.review.proposal_id:
-            self.publish(ev.EngineError(f"ignored the {what}: the one waiting is "
-                                        f"{attempt.review.summary()}"))
+            waiting = [a.review.summary() for a in self._reviewing.values()
+                       if a.review is not None and a.decision is None]
+            why = ("the one waiting is " + "; ".join(waiting)) if len(waiting) == 1 else \
+                ("the ones waiting are " + "; ".join(waiting)) if waiting else \
+                "nothing waits for review"
+            self.publish(ev.EngineError(f"ignored the {what}: {why}"))
             return
         approver = strip_control(command.by) or self.humans.signature()
         if isinstance(command, ev.Reject):  # the agent and memory.md read the reason: text only
@@ -172,9 +206,18 @@ class Engine:
                 return
             attempt.decision = Decision(True, "edited", "human", dict(command.files), approver)
 
-    def _drain_commands(self) -> None:
-        for command in self.inbox.take_all():
-            self._dispatch(command)
+    async def _pump_commands(self) -> None:
+        """Act on commands as they come, whatever the slots are doing."""
+        while True:
+            command = await self.inbox.next()
+            if command is not None:
+                self._dispatch(command)
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()` holds or the run is stopping; checked after every command."""
+        while not done() and self._stop_reason is None:
+            tick = self._tick
+            await tick.wait()
 
     def _pause(self, reason: str) -> None:
         """A durable pause (it survives a restart) that waits for ResumeRun; kept in memory
@@ -201,68 +244,52 @@ class Engine:
         return self._pause_reason or self.state.paused
 
     async def _wait_while_paused(self) -> None:
-        reason = self._paused_reason()
-        if reason is None:
-            return
-        if self._pause_reason is None:
-            self.publish(ev.Paused(reason))  # paused before a restart
-        while self._paused_reason() is not None and self._stop_reason is None:
-            command = await self.inbox.next()
-            if command is not None:
-                self._dispatch(command)
+        await self._until(lambda: self._paused_reason() is None)
 
     def _mark_stale(self, path: str) -> None:
-        attempt = self._reviewing
-        if attempt is None or attempt.review is None or path not in attempt.review.files:
-            return
-        stale = self.state.stale_proposal or {"iteration": attempt.iteration, "paths": []}
-        if path not in stale["paths"]:
-            stale["paths"].append(path)
-            self.state.stale_proposal = stale
-        self.publish(ev.ProposalStale(attempt.iteration, path))
+        for attempt in self._reviewing.values():
+            if attempt.review is None or path not in attempt.review.files:
+                continue
+            stale = self.state.stale_proposal or {"iteration": attempt.iteration, "paths": []}
+            if stale["iteration"] == attempt.iteration and path not in stale["paths"]:
+                stale["paths"].append(path)
+                self.state.stale_proposal = stale
+            self.publish(ev.ProposalStale(attempt.iteration, path))
 
     # -- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> ev.RunFinished:
         """Run iterations until a stop condition; returns why it ended."""
         self.logs.repair_tails()
-        unfinished = self.journal.unfinished_iteration()
+        unfinished = self.journal.unfinished_iterations()
         missing = tuple(f"{layer.name}: {layer.detail}" for layer in missing_layers())
         self.state.sandbox_missing = missing  # attached viewers show it too
         self.publish(ev.RunOpened(self.settings.name, str(self.run_dir), self.settings.iterations,
-                                  resumed_at=unfinished, sandbox_missing=missing))
+                                  resumed_at=unfinished[0] if unfinished else None,
+                                  sandbox_missing=missing,
+                                  slots=tuple(self.executor.describe(slot)
+                                              for slot in range(1, self.slots + 1))))
+        self._agent_turn = asyncio.Lock()
         watcher = None
         if self.settings.watch_edits:
             self.paths.workspace.mkdir(parents=True, exist_ok=True)
             watcher = self._watcher = self.humans.watch(
                 {CHECKOUT: self.project_root, WORKSPACE: self.paths.workspace}, self._mark_stale)
+        pump = asyncio.create_task(self._pump_commands())
+        reason = "stopped"
         try:
-            await self._kill_orphaned_run()
-            iteration = unfinished or self.journal.next_iteration()
-            while True:
-                self._drain_commands()
-                await self._wait_while_paused()
-                reason = self._stop_condition(iteration)
-                if reason is not None:
-                    break
-                try:
-                    await self._iteration(iteration)
-                except JournalLost as exc:
-                    self.failure = reason = str(exc)
-                    self.publish(ev.EngineError(reason))
-                    break
-                except (OSError, sqlite3.Error) as exc:
-                    if not disk_full(exc):
-                        raise
-                    self._pause(f"disk full while recording iteration {iteration} ({exc}); "
-                                f"free some space, then `proctor resume {self.settings.name}`")
-                # a paused or interrupted iteration is re-entered, never skipped
-                iteration = self.journal.unfinished_iteration() or self.journal.next_iteration()
+            await self.executor.start()
+            await self._reclaim_orphaned_runs()
+            reason = await self._drive()
+        except ExecutorError as exc:
+            self.failure = reason = str(exc)
+            self.publish(ev.EngineError(reason))
         finally:
+            pump.cancel()
             if watcher is not None:
                 await watcher.stop()
                 self._watcher = None
-            await self.runner.aclose()
+            await self.executor.aclose()
             close_agent = getattr(self.agent, "aclose", None)
             if close_agent is not None:
                 await close_agent()
@@ -275,11 +302,96 @@ class Engine:
         self.publish(finished)
         return finished
 
-    def _stop_condition(self, iteration: int) -> str | None:
+    async def _drive(self) -> str:
+        """Keep up to `slots` iterations in flight until a stop condition; an interrupted
+        iteration (a pause, a full disk) is re-entered first, never skipped."""
+        tasks: dict[int, asyncio.Task[None]] = {}
+        reason: str | None = None
+        try:
+            while True:
+                reason = self._stop_reason or self.failure
+                if reason is None and self._paused_reason() is None and len(tasks) < self.slots:
+                    iteration = self._next_iteration(tasks)
+                    reason = self._stop_condition(iteration, len(tasks))
+                    if reason is None:
+                        try:
+                            tasks[iteration] = self._launch(iteration)
+                        except JournalLost as exc:
+                            self.failure = str(exc)
+                            self.publish(ev.EngineError(self.failure))
+                        except (OSError, sqlite3.Error) as exc:
+                            if not disk_full(exc):
+                                raise
+                            self._pause(f"disk full while starting iteration {iteration} "
+                                        f"({exc}); free some space, then "
+                                        f"`proctor resume {self.settings.name}`")
+                        continue
+                if not tasks and (reason is not None or self._stop_reason is not None):
+                    return self._stop_reason or self.failure or reason or "stopped"
+                await self._wait_for_change(tasks)
+        finally:
+            if tasks:
+                self._stop_reason = self._stop_reason or "the engine is stopping"
+                await self._stop_runs(tasks)
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    def _next_iteration(self, tasks: dict[int, asyncio.Task[None]]) -> int:
+        unfinished = [i for i in self.journal.unfinished_iterations() if i not in tasks]
+        return unfinished[0] if unfinished else self.journal.next_iteration()
+
+    def _launch(self, iteration: int) -> asyncio.Task[None]:
+        """Journal the iteration's start now (numbers stay in journal order) and run it in
+        the lowest free slot."""
+        busy = {flight.slot for flight in self._flights.values()}
+        slot = min(set(range(1, self.slots + 1)) - busy)
+        roles = self.exploration.slot_roles
+        block = block_of(iteration, self.exploration.block_size)
+        self.journal.append(iteration, Step.STARTED, {"block": block, "slot": slot})
+        flight = self._flights[iteration] = Flight(
+            iteration, slot, roles[(slot - 1) % len(roles)] if roles else None)
+        return asyncio.create_task(self._fly(flight), name=f"iteration {iteration}")
+
+    async def _fly(self, flight: Flight) -> None:
+        iteration = flight.iteration
+        try:
+            await self._iteration(flight)
+        except JournalLost as exc:
+            self.failure = str(exc)
+            self.publish(ev.EngineError(self.failure))
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc):
+                raise
+            self._pause(f"disk full while recording iteration {iteration} ({exc}); "
+                        f"free some space, then `proctor resume {self.settings.name}`")
+        finally:
+            self._flights.pop(iteration, None)
+
+    async def _wait_for_change(self, tasks: dict[int, asyncio.Task[None]]) -> None:
+        """Until an iteration ends or a command was acted on; a stopping run re-sends its
+        stop to every slot until the runs have ended."""
+        tick = asyncio.create_task(self._tick.wait())
+        stopping = self._stop_reason is not None or self.failure is not None
+        done, _ = await asyncio.wait({tick, *tasks.values()}, timeout=POLL_S if stopping else None,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        tick.cancel()
+        for iteration, task in list(tasks.items()):
+            if task in done:
+                del tasks[iteration]
+                task.result()  # an unexpected error ends the run, as it always did
+        if stopping:
+            await self._stop_runs(tasks)
+
+    async def _stop_runs(self, tasks: dict[int, asyncio.Task[None]]) -> None:
+        for flight in list(self._flights.values()):
+            if flight.iteration in tasks and flight.phase == "running":
+                await self.executor.stop(flight.slot)
+
+    def _stop_condition(self, iteration: int, in_flight: int = 0) -> str | None:
         if self._stop_reason is not None:
             return self._stop_reason
         # a node a human asked for still runs after the last iteration
-        if iteration > self.settings.iterations and not self.state.human_queue:
+        beyond = sum(1 for i in self._flights if i > self.settings.iterations)
+        if iteration > self.settings.iterations and len(self.state.human_queue) <= beyond:
             return f"completed {self.settings.iterations} iterations"
         hours = self.exploration.max_wall_hours
         if hours is not None and time.monotonic() - self._started_at > hours * 3600:
@@ -290,28 +402,34 @@ class Engine:
             return f"target R2 {target} reached by node {best.id}"
         return None
 
-    async def _kill_orphaned_run(self) -> None:
-        """A run left behind by a killed engine is stopped before anything else."""
-        active = self.state.active_run
-        if active is not None:
-            if kill_orphan(ProcessIdentity(**active)):
-                self.publish(ev.EngineError(f"killed the orphaned run of pid {active['pid']}"))
-            self.state.active_run = None
+    async def _reclaim_orphaned_runs(self) -> None:
+        """Runs left going by a killed engine are ended (killed, or cancelled on the cluster)
+        before anything else; their iterations are re-run under their own numbers."""
+        for iteration, active in self.state.active_runs.items():
+            record = active.get("record") if isinstance(active.get("record"), dict) else {}
+            said = await self.executor.reclaim(record)
+            if said:
+                self.publish(ev.EngineError(said))
+            self.state.set_active_run(iteration, None)
 
-    async def _iteration(self, iteration: int) -> None:
-        block = block_of(iteration, self.exploration.block_size)
-        self.journal.append(iteration, Step.STARTED, {"block": block})
+    async def _iteration(self, flight: Flight) -> None:
+        iteration = flight.iteration
         if (iteration - 1) % self.exploration.block_size == 0:
-            self.logs.snapshot_protocol(block, self.view.instructions())
-        self.publish(ev.IterationStarted(iteration, block, self.settings.iterations))
+            self.logs.snapshot_protocol(block_of(iteration, self.exploration.block_size),
+                                        self.view.instructions())
+        self.publish(ev.IterationStarted(iteration, block_of(iteration,
+                                                             self.exploration.block_size),
+                                         self.settings.iterations))
         number = self._resume_attempt(iteration)
         rejections: list[str] = []
         repair: Repair | None = None
         invalid_tries = 0
         while True:
-            attempt = await self._proposal(iteration, number, repair, rejections)
+            flight.phase = "proposing"
+            attempt = await self._proposal(flight, number, repair, rejections)
             if attempt is None:
                 return
+            flight.attempt = attempt
             number += 1  # the next attempt, if this one is refused, rejected or repaired
             try:
                 attempt.prepared = self.checker.prepare(iteration, attempt.proposal,
@@ -325,6 +443,7 @@ class Engine:
                 repair = Repair(invalid_tries, self.exploration.repair_attempts,
                                 attempt.proposal, str(exc))
                 continue
+            flight.phase = "review"
             decision = await self._review(attempt)
             if not decision.approved:
                 if self._stop_reason is not None:
@@ -344,7 +463,8 @@ class Engine:
                 self.publish(ev.EngineError(f"iteration {iteration}: {exc}"))
                 self._skip(iteration, attempt.number, f"could not apply: {exc}")
                 return
-            result = await self._run(attempt, node)
+            flight.phase = "running"
+            result = await self._run(attempt, node, flight.slot)
             if result.status is RunStatus.STOPPED:
                 return
             node = self._finish_node(iteration, result)
@@ -383,14 +503,24 @@ class Engine:
 
     # -- propose ----------------------------------------------------------------------------
 
-    async def _proposal(self, iteration: int, number: int, repair: Repair | None,
+    async def _proposal(self, flight: Flight, number: int, repair: Repair | None,
                         rejections: list[str]) -> Attempt | None:
+        iteration = flight.iteration
         stored = self.journal.payload(iteration, Step.PROPOSAL_STORED, number)
         if stored is not None:
             human = HumanChange.from_dict(stored["human"]) if stored.get("human") else None
             if human is not None:
                 self.humans.dequeue(human.request_id)  # a crash may have left it queued
             return Attempt(iteration, number, Proposal.model_validate(stored["proposal"]), human)
+        assert self._agent_turn is not None
+        async with self._agent_turn:  # one proposal at a time, each seeing the others
+            if self._paused_reason() is not None or self._stop_reason is not None:
+                return None  # re-entered after the resume
+            return await self._propose(flight, number, repair, rejections)
+
+    async def _propose(self, flight: Flight, number: int, repair: Repair | None,
+                       rejections: list[str]) -> Attempt | None:
+        iteration = flight.iteration
         queue = self.humans.queue()
         if number == 0 and queue:
             human = queue[0]
@@ -403,7 +533,9 @@ class Engine:
             self.humans.dequeue(human.request_id)
             self.records.flush_analysis(next_parent=proposal.parent_id, analysis="")
             return Attempt(iteration, number, proposal, human)
-        context = self.view.context(iteration, number, repair, rejections)
+        context = self.view.context(iteration, number, repair, rejections, slot=flight.slot,
+                                    slots=self.slots, role=flight.role,
+                                    in_flight=self._in_flight(flight))
         try:
             reply = await self.agent.propose(context)
         except AgentPaused as exc:  # spend limit, budget cap, API unreachable: wait for a human
@@ -423,6 +555,21 @@ class Engine:
             self.publish(ev.AgentCost(iteration, reply.cost_usd, total or reply.cost_usd))
         self.records.flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
         return Attempt(iteration, number, proposal, None)
+
+    def _in_flight(self, asking: Flight) -> tuple[InFlight, ...]:
+        """The other slots' proposals that have not finished, for the agent's context."""
+        others = []
+        for flight in sorted(self._flights.values(), key=lambda f: f.iteration):
+            attempt = flight.attempt
+            if flight is asking or attempt is None:
+                continue
+            proposal = attempt.proposal
+            code = proposal.code_change.change if proposal.code_change is not None else \
+                ("code edits" if proposal.edits else None)
+            others.append(InFlight(flight.iteration, flight.slot, proposal.parent_id,
+                                   proposal.mutation, dict(proposal.config_changes), code,
+                                   flight.phase, flight.role))
+        return tuple(others)
 
     def _files_at(self, node_id: int | None) -> dict[str, str]:
         return self.code.files_at_commit(self.tree.commit_of(node_id, self.lineage.base))
@@ -447,8 +594,8 @@ class Engine:
             return Decision.from_dict(stored)
         # the diff is readable by any viewer before the decision, not only once applied
         self.logs.write_change(iteration, attempt.review.diff, attempt.review.config_diff)
-        early = self._early  # decided while no engine ran: no need to wait, nor to say so
-        decided = early is not None and early.proposal_id == attempt.review.proposal_id
+        # decided while no engine ran: no need to wait, nor to say so
+        decided = attempt.review.proposal_id in self._early
         self.publish(ev.ProposalReady(iteration, attempt.proposal, attempt.review.diff,
                                       attempt.review.config_diff, waiting and not decided,
                                       attempt.review.proposal_id))
@@ -465,24 +612,27 @@ class Engine:
         return decision
 
     async def _await_decision(self, attempt: Attempt) -> Decision:
-        self._reviewing = attempt
-        early, self._early = self._early, None
+        assert attempt.review is not None
+        proposal_id = attempt.review.proposal_id
+        self._reviewing[proposal_id] = attempt
+        early = self._early.pop(proposal_id, None)
         if early is not None:
             self._decide(early)
-        self.state.stale_proposal = None
+        if not any(a.review is not None and a.review.files for a in self._reviewing.values()
+                   if a is not attempt):
+            self.state.stale_proposal = None
         for edit in self.manual.pending():  # a human edit already waiting on those files
             self._mark_stale(edit.path)
         try:
-            while attempt.decision is None:
-                if self._stop_reason is not None:
-                    return Decision(False, self._stop_reason, "stop")
-                command = await self.inbox.next()
-                if command is not None:
-                    self._dispatch(command)
+            await self._until(lambda: attempt.decision is not None)
+            if attempt.decision is None:
+                return Decision(False, self._stop_reason or "stopped", "stop")
             return attempt.decision
         finally:
-            self._reviewing = None
-            self.state.stale_proposal = None
+            del self._reviewing[proposal_id]
+            stale = self.state.stale_proposal
+            if stale is not None and stale.get("iteration") == attempt.iteration:
+                self.state.stale_proposal = None
 
     # -- apply, run, record -----------------------------------------------------------------
 
@@ -515,7 +665,7 @@ class Engine:
             self.publish(ev.NodeReverted(iteration, attempt.human.reverted_id or 0, node.commit))
         return node
 
-    async def _run(self, attempt: Attempt, node: Node) -> RunResult:
+    async def _run(self, attempt: Attempt, node: Node, slot: int) -> RunResult:
         iteration, number = attempt.iteration, attempt.number
         stored = self.journal.payload(iteration, Step.RUN_FINISHED, number)
         if stored is not None:
@@ -529,17 +679,20 @@ class Engine:
         config_path = self.logs.write_config_snapshot(iteration, node.config | {
             "exploration": self.exploration.model_dump(mode="json")})
         self.tree.update(iteration, status=NodeStatus.RUNNING)
-        steps_started = 0
+        placed_before = False
 
-        def started(identity: ProcessIdentity) -> None:  # once per step of the run
-            nonlocal steps_started
-            self.state.active_run = asdict(identity)
-            steps_started += 1
-            if steps_started == 1:
-                self.journal.append(iteration, Step.RUN_STARTED, asdict(identity),
+        def placed(placement: Placement) -> None:  # once per step of a local run
+            nonlocal placed_before
+            where = {"slot": placement.slot, "where": placement.where,
+                     "record": placement.record}
+            self.state.set_active_run(iteration, where)
+            if not placed_before:
+                placed_before = True
+                self.journal.append(iteration, Step.RUN_STARTED, {**where, "pid": placement.pid},
                                     attempt=number)
                 self.publish(ev.TrainingStarted(iteration, node.id, node.parent_id,
-                                                node.mutation, identity.pid))
+                                                node.mutation, placement.pid, placement.slot,
+                                                placement.where))
 
         def output(lines: list[str]) -> None:
             self.publish(ev.LogLines(iteration, tuple(lines)))
@@ -547,30 +700,21 @@ class Engine:
             if progress is not None:
                 self.publish(progress)
 
-        watcher = asyncio.create_task(self._watch_during_run())
+        if self._stop_reason is not None:
+            return RunResult(RunStatus.STOPPED, None, None, {}, {}, self._stop_reason, "", 0.0,
+                             None, False)
+        job = NodeJob(iteration, number, lambda folder: self.code.materialise(commit, folder),
+                      config_path.read_text(encoding="utf-8"),
+                      self.exploration.seed, self.paths.training_log(iteration))
         try:
-            result = await evaluate(
-                self.runner, EvaluationPlan.of(self.exploration, self.project_root),
-                self.paths.sandbox,
-                lambda folder: self.code.materialise(commit, folder),
-                config_path.read_text(encoding="utf-8"), self.paths.training_log(iteration),
-                seed=self.exploration.seed, on_output=output, on_started=started)
+            result = await self.executor.run(slot, job, on_output=output, on_placed=placed)
         finally:
-            watcher.cancel()
-        self.state.active_run = None
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self.state.set_active_run(iteration, None)
         if result.status is not RunStatus.STOPPED:
             self.journal.append(iteration, Step.RUN_FINISHED, {"result": result.to_dict()},
                                 attempt=number)
         return result
-
-    async def _watch_during_run(self) -> None:
-        """Act on commands while a training run is going; a stop ends the run."""
-        while True:
-            await asyncio.sleep(POLL_S)
-            self._drain_commands()
-            if self._stop_reason is not None:
-                await self.runner.stop_current()
-                return
 
     def _finish_node(self, iteration: int, result: RunResult) -> Node:
         status = status_after_run(result.status)

@@ -20,6 +20,7 @@ from engine import events as ev
 from engine.atomic import write_atomic
 from engine.config import ExperimentConfig
 from engine.edits import EditError, check_parses
+from engine.executors import ExecutorError, check_executor
 from engine.human import PRE_EXISTING, HumanChange
 from engine.journal import Journal, JournalError, RunEvent
 from engine.logs import RunLogs
@@ -125,6 +126,10 @@ def create_run(project_root: Path, config: ExperimentConfig, settings: RunSettin
     """Make `log/<name>/` with its journal, lineage and memory; refuses a name that is taken
     and a checkout whose editable files have uncommitted changes (unless `dirty: adopt`)."""
     check_name(settings.name)
+    try:
+        check_executor(config)
+    except ExecutorError as exc:
+        raise EngineError(str(exc)) from None
     project_root = project_root.resolve()
     paths = RunPaths(run_dir_of(project_root, settings.name))
     if paths.journal.exists():

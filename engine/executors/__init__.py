@@ -7,6 +7,7 @@ it: Dask is an optional extra (`pip install 'proctor[dask]'`)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,26 @@ __all__ = [
     "PlacedCallback",
     "Placement",
     "Populate",
+    "check_executor",
     "make_executor",
 ]
+
+DASK_EXTRA = "pip install 'proctor[dask]'"
+
+
+def check_executor(config: ExperimentConfig) -> None:
+    """ExecutorError (one line) when the config's executor cannot be had on this machine;
+    checked before a run is created, so a run folder is never left behind for it."""
+    if config.exploration.executor.kind != "dask":
+        return
+    missing = [name for name in ("dask", "distributed")
+               if importlib.util.find_spec(name) is None]
+    if config.exploration.executor.dask.cluster is not None \
+            and importlib.util.find_spec("dask_jobqueue") is None:
+        missing.append("dask_jobqueue")
+    if missing:
+        raise ExecutorError(f"executor: dask needs {', '.join(missing)}, which this Python "
+                            f"lacks: {DASK_EXTRA}")
 
 
 def make_executor(config: ExperimentConfig, project_root: Path, sandbox_root: Path,
@@ -45,10 +64,10 @@ def make_executor(config: ExperimentConfig, project_root: Path, sandbox_root: Pa
     if settings.kind == "local":
         return LocalExecutor(exploration.parallel, plan, sandbox_root, make_runner,
                              devices=settings.devices)
+    check_executor(config)
     try:
         from engine.executors.dask_cluster import DaskExecutor
     except ImportError as exc:
-        raise ExecutorError(
-            f"executor: dask needs Dask ({exc.name or exc}): pip install 'proctor[dask]'"
-        ) from None
+        raise ExecutorError(f"executor: dask needs Dask ({exc.name or exc}): {DASK_EXTRA}") \
+            from None
     return DaskExecutor(exploration.parallel, plan, settings.dask)
