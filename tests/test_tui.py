@@ -7,19 +7,19 @@ under the `code` policy); iteration 3 edits models/siren.py, so it waits for a h
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from feed_source import FeedSource
 from scripted_agent import ScriptedAgent
 from textual.app import App, ComposeResult
 from textual.command import CommandList
 from textual.widgets import DataTable, Input, Label, ProgressBar, Tree
+from waiting import until
 
 from engine import events as ev
 from engine.agents.base import AgentReply
@@ -60,15 +60,6 @@ def tui_app(root: Path, iterations: int, agent: ScriptedAgent | None = None,
         return Engine.create(root, config, settings, agent or ScriptedAgent(), publish)
 
     return live_app(open_engine, QUIET)
-
-
-async def until(pilot, condition: Callable[[], object], what: str, timeout: float = 30) -> None:
-    """Let the app run until `condition()` holds (fails after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def waiting_at(app: ProctorApp, iteration: int) -> Callable[[], bool]:
@@ -228,26 +219,6 @@ async def test_pause_from_the_palette_then_help_and_quit_stops_the_run(project):
 
 
 # -- decisions name their proposal ----------------------------------------------------------
-
-
-class FeedSource:
-    """Events a test publishes by hand (an attached-looking source); commands are kept."""
-
-    live = False
-
-    def __init__(self) -> None:
-        self.publish = None
-        self.commands: list[ev.Command] = []
-
-    async def run(self, publish) -> None:
-        self.publish = publish
-        await asyncio.Event().wait()  # until the app quits
-
-    def send(self, command: ev.Command) -> None:
-        self.commands.append(command)
-
-    def close(self) -> None:
-        pass
 
 
 def code_proposal(mutation: str = "[code] bonus") -> Proposal:

@@ -15,3 +15,13 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) ->
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def until(pilot, condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Let a Textual app run (through its pilot) until `condition()` holds; fail naming
+    `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await pilot.pause(0.05)

@@ -5,7 +5,11 @@ One factory builds it for the CLI and the tests: `build_app(source, settings)`, 
 process drives). Events arrive through a bounded pump and reach the widgets in batches;
 decisions go back as engine commands. Attributes go down to the views (`show(...)`),
 messages come up from them; every background job is a named worker whose failure lands in
-`on_worker_state_changed`."""
+`on_worker_state_changed`.
+
+With several slots (`exploration.parallel`) the Run tab shows one slot at a time (`[` and
+`]` switch; the palette names each slot), and the Review tab one of the proposals that wait
+(`[` and `]` pick; each decision names the proposal shown)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from engine.logs import strip_control
 from tui.palette import ACTIONS, ProctorCommands
 from tui.pump import EventPump
 from tui.settings import TuiSettings
+from tui.slot_logs import SlotLogs
 from tui.source import EventSource, SourceError
 from tui.state import Notice, Review, RunState
 from tui.widgets.live_log import LiveLog
@@ -47,6 +52,8 @@ TABS = ("run", "review", "tree", "logs")
 _TREE_EVENTS = (ev.RunOpened, ev.TrainingStarted, ev.NodeFinished, ev.IterationSkipped,
                 ev.ProposalDecided, ev.NodeReverted, ev.ManualEditResolved, ev.CodeCommitted,
                 ev.RunFinished, ev.IterationStarted)
+# Actions whose keys and palette entries apply only in some states (see `action_applies`).
+_GATED = {entry[0].split("(")[0] for entry in ACTIONS} | {"show_slot", "pick_review"}
 MAX_NOTICES_PER_BATCH = 3  # an attach replays history: do not bury the screen in toasts
 STOP_WAIT_S = 30.0
 V = TypeVar("V", bound=Widget)
@@ -95,6 +102,11 @@ class ProctorApp(App[None]):
         Binding("r", "reject", "Reject", id="proctor.reject"),
         Binding("e", "edit", "Edit+accept", id="proctor.edit"),
         Binding("s", "toggle_diff", "Side by side", id="proctor.diff_layout"),
+        Binding("left_square_bracket", "previous_slot", "Slot ←", id="proctor.slot.previous"),
+        Binding("right_square_bracket", "next_slot", "Slot →", id="proctor.slot.next"),
+        Binding("left_square_bracket", "previous_review", "Proposal ←",
+                id="proctor.review.previous"),
+        Binding("right_square_bracket", "next_review", "Proposal →", id="proctor.review.next"),
         Binding("v", "revert", "Revert", id="proctor.revert"),
         Binding("m", "adopt_manual", "Adopt edit", id="proctor.adopt_manual"),
         Binding("i", "ignore_manual", "Ignore edit", id="proctor.ignore_manual"),
@@ -119,11 +131,12 @@ class ProctorApp(App[None]):
         self._opened = False
         self._tree_dirty = False
         self._snapshot_running = False
-        self._decided_review: int | None = None
-        self._notified_review: int | None = None
+        self._decided: set[int] = set()  # keys of the waiting proposals a decision was sent for
+        self._notified_review = 0  # the newest proposal (serial) the human was told about
+        self._picked_review: int | None = None  # the iteration whose proposal the human picked
         self._source_worker: Worker | None = None
         self._applies: tuple[bool, ...] = ()  # which actions applied at the last footer redraw
-        self._log_heading: dict[int, str] = {}  # the live log's heading for the running node
+        self._slot_logs: SlotLogs | None = None  # made once the live log exists
         self.animation_level = "none"
 
     # -- building --------------------------------------------------------------------------
@@ -172,6 +185,17 @@ class ProctorApp(App[None]):
         return self.run_view.live_log
 
     @property
+    def slot_logs(self) -> SlotLogs:
+        """Every slot's live log; the Run tab shows `slot_logs.shown`'s."""
+        if self._slot_logs is None:
+            self._slot_logs = SlotLogs(self.live_log)
+        return self._slot_logs
+
+    @property
+    def shown_slot(self) -> int:
+        return self.slot_logs.shown
+
+    @property
     def active_tab(self) -> str:
         return self.query_one("#tabs", TabbedContent).active
 
@@ -188,35 +212,37 @@ class ProctorApp(App[None]):
     def apply_events(self, events: list[ev.Event]) -> None:
         """Fold a batch of events into the state, then redraw once."""
         notices: list[Notice] = []
-        log = self.live_log
+        logs = self.slot_logs
         for event in events:
             if isinstance(event, ev.LogLines):
-                if event.iteration != self.state.log_iteration:
-                    # a heading before the first lines of each run (none for silent runs)
-                    self.state.log_iteration = event.iteration
-                    log.write_lines([self._log_heading.get(
-                        event.iteration, f"── iteration {event.iteration} ──")])
-                log.write_lines(event.lines)
+                logs.write(self.state.slot_of(event.iteration) or 1, event.iteration,
+                           event.lines)
                 continue
-            if isinstance(event, ev.TrainingStarted):
-                self.state.log_iteration = None
-                self._log_heading = {event.iteration: f"── iteration {event.iteration}: "
-                                                      f"training node {event.node_id} ──"}
             if isinstance(event, ev.RunOpened):
                 self._opened = True
             if isinstance(event, ev.EditedVersionInvalid):
-                self._decided_review = None  # the proposal waits again: keys back
+                review = self.state.reviews.get(event.iteration)
+                if review is not None:
+                    self._decided.discard(review.key)  # the proposal waits again: keys back
             notices.extend(self.state.apply(event))
+            if isinstance(event, ev.TrainingStarted):
+                logs.started(event, self.state.slot_of(event.iteration) or 1)
             if isinstance(event, _TREE_EVENTS):
                 self._tree_dirty = True
+        if logs.shown > self.state.slot_count:  # a resumed run with fewer slots
+            logs.show(1)
+        self._decided &= {review.key for review in self.state.waiting_reviews}
         self._show_state()
         for notice in notices[-MAX_NOTICES_PER_BATCH:]:
             self.tell(notice)
-        review = self.state.waiting_review
-        if review is not None and review.key != self._notified_review:
-            self._notified_review = review.key
-            self.tell(Notice(f"iteration {review.iteration}: a proposal waits for your review "
-                             "(press 2)", "warning", title="review", bell=True))
+        fresh = [review for review in self.state.waiting_reviews
+                 if review.key > self._notified_review]
+        if fresh:
+            self._notified_review = max(review.key for review in fresh)
+            which = ", ".join(str(review.iteration) for review in fresh)
+            what = ("a proposal waits" if len(fresh) == 1 else "proposals wait")
+            self.tell(Notice(f"iteration {which}: {what} for your review (press 2)",
+                             "warning", title="review", bell=True))
         if self._tree_dirty:
             self.request_snapshot()
         self.update_bindings()
@@ -273,11 +299,16 @@ class ProctorApp(App[None]):
         snapshot = self.snapshot
         if snapshot is None:
             return
-        node = self.state.node_id
-        if node is None and snapshot.rows:
-            node = snapshot.rows[-1].node_id
+        state = self.state
+        if state.slot_count > 1:
+            training = {slot: run.node_id for slot, run in sorted(state.slot_runs.items())}
+        else:
+            training = {1: state.node_id} if state.node_id is not None else {}
+        if not training and snapshot.rows:
+            training = {1: snapshot.rows[-1].node_id}
         self.logs_view.set_documents(run_documents(
-            snapshot.info.run_dir, snapshot.info.instructions_path, node))
+            snapshot.info.run_dir, snapshot.info.instructions_path, training,
+            several_slots=state.slot_count > 1))
 
     def check_files(self) -> None:
         """Re-read the files on show if they changed (a timer calls this unless turned off)."""
@@ -291,16 +322,27 @@ class ProctorApp(App[None]):
     # -- drawing ---------------------------------------------------------------------------
 
     def _show_state(self) -> None:
-        self.run_view.show(self.state, self.snapshot)
-        self.review_view.show(self.state, self.snapshot, self._decision_sent())
+        self.run_view.show(self.state, self.snapshot, self.shown_slot)
+        self.review_view.show(self.state, self.snapshot, self.current_review() or self.state.review,
+                              self._decision_sent(), frozenset(self._decided))
         self._show_status()
 
     def status_text(self) -> str:
-        """The status line: iteration, block, phase, clocks, cost, mode."""
+        """The status line: iteration, block, phase (with several slots: how many are busy
+        and how many proposals wait), clocks, cost, mode."""
         state, snapshot = self.state, self.snapshot
         total = state.total_iterations or (snapshot.info.iterations if snapshot else 0)
         parts = [f"run {state.run or '…'}", f"iteration {state.iteration}/{total}",
                  f"block {state.block}", str(state.phase)]
+        if state.slot_count > 1:
+            latest = max(state.in_flight, default=state.iteration)
+            waiting = len(state.waiting_reviews)
+            parts[1:] = [f"iteration {latest}/{total}", f"block {state.block}",
+                         f"slots {state.busy_slots}/{state.slot_count} busy"]
+            if state.finished is not None:
+                parts.append(str(state.phase))
+            elif waiting:
+                parts.append(f"{waiting} waiting for review")
         if state.paused:
             parts.append(f"PAUSED: {state.paused}")
         if state.sandbox_missing:
@@ -320,8 +362,9 @@ class ProctorApp(App[None]):
             return  # shutting down: the widgets are gone
         status = found.first(Static)
         status.update(plain(self.status_text()))
-        status.set_class(self.state.waiting_review is not None and not self._decision_sent(),
-                         "waiting")
+        undecided = [review for review in self.state.waiting_reviews
+                     if review.key not in self._decided]
+        status.set_class(bool(undecided), "waiting")
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.tabbed_content.id == "tabs":
@@ -337,9 +380,21 @@ class ProctorApp(App[None]):
 
     # -- which keys apply ------------------------------------------------------------------
 
+    def current_review(self) -> Review | None:
+        """The waiting proposal the Review tab shows and its keys decide: the one the human
+        picked, unless a decision went for it while another waits undecided; else the oldest
+        one no decision was sent for; else the oldest."""
+        waiting = self.state.waiting_reviews
+        undecided = [review for review in waiting if review.key not in self._decided]
+        picked = next((review for review in waiting
+                       if review.iteration == self._picked_review), None)
+        if picked is not None and (picked.key not in self._decided or not undecided):
+            return picked
+        return (undecided or waiting or [None])[0]
+
     def _decision_sent(self) -> bool:
-        review = self.state.waiting_review
-        return review is not None and review.key == self._decided_review
+        review = self.current_review()
+        return review is not None and review.key in self._decided
 
     def _engine_listening(self) -> bool:
         """Whether a command can still reach an engine."""
@@ -361,7 +416,7 @@ class ProctorApp(App[None]):
     def action_applies(self, action: str) -> bool:
         """Whether `action` (a name, or a call such as "show_tab('run')") can run now."""
         name = action.split("(")[0]
-        review = self.state.waiting_review
+        review = self.current_review()
         deciding = (review is not None and not self._decision_sent()
                     and self.active_tab == "review" and self._engine_listening())
         match name:
@@ -382,6 +437,14 @@ class ProctorApp(App[None]):
                 return self._engine_listening() and self.state.paused is None
             case "resume":
                 return self._engine_listening() and self.state.paused is not None
+            case "previous_slot" | "next_slot":
+                return self.active_tab == "run" and self.state.slot_count > 1
+            case "show_slot":
+                return self.state.slot_count > 1
+            case "previous_review" | "next_review":
+                return self.active_tab == "review" and len(self.state.waiting_reviews) > 1
+            case "pick_review":
+                return len(self.state.waiting_reviews) > 1
         return True
 
     def update_bindings(self) -> None:
@@ -393,7 +456,7 @@ class ProctorApp(App[None]):
             self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in {entry[0].split("(")[0] for entry in ACTIONS}:
+        if action in _GATED:
             return self.action_applies(action)
         return True
 
@@ -413,10 +476,43 @@ class ProctorApp(App[None]):
         if tab in TABS:
             self.query_one("#tabs", TabbedContent).active = tab
 
+    def action_previous_slot(self) -> None:
+        self.action_show_slot(self.shown_slot - 1)
+
+    def action_next_slot(self) -> None:
+        self.action_show_slot(self.shown_slot + 1)
+
+    def action_show_slot(self, slot: int) -> None:
+        """Show slot `slot`'s run and live log (wrapping around at either end)."""
+        count = self.state.slot_count
+        self.slot_logs.show((slot - 1) % count + 1)
+        self.action_show_tab("run")
+        self._show_state()
+
+    def action_previous_review(self) -> None:
+        self._step_review(-1)
+
+    def action_next_review(self) -> None:
+        self._step_review(1)
+
+    def _step_review(self, step: int) -> None:
+        waiting = self.state.waiting_reviews
+        current = self.current_review()
+        if not waiting or current is None:
+            return
+        index = [review.key for review in waiting].index(current.key)
+        self.action_pick_review(waiting[(index + step) % len(waiting)].iteration)
+
+    def action_pick_review(self, iteration: int) -> None:
+        """Show (and let the keys decide) the proposal of `iteration` that waits."""
+        self._picked_review = iteration
+        self.action_show_tab("review")
+        self._show_state()
+        self.update_bindings()
+
     def _still_waiting(self, review: Review) -> bool:
-        """Whether `review` is still the proposal waiting (says so when it is not)."""
-        current = self.state.waiting_review
-        if current is not None and current.key == review.key:
+        """Whether `review` still waits (says so when it does not)."""
+        if any(current.key == review.key for current in self.state.waiting_reviews):
             return True
         self.tell(Notice(f"the proposal of iteration {review.iteration} you were deciding on "
                          "no longer waits: nothing sent", "warning"))
@@ -425,18 +521,18 @@ class ProctorApp(App[None]):
     def _decide(self, review: Review, command: ev.Command, done: str) -> None:
         """Send a decision about `review` (the command names its proposal_id), once."""
         if self._still_waiting(review) and self.send(command):
-            self._decided_review = review.key
+            self._decided.add(review.key)
             self.tell(Notice(f"iteration {review.iteration}: {done}"))
             self._show_state()
             self.update_bindings()
 
     def action_accept(self) -> None:
-        review = self.state.waiting_review
+        review = self.current_review()
         if review is not None:
             self._decide(review, ev.Approve(proposal_id=review.proposal_id), "accepted")
 
     def action_reject(self) -> None:
-        review = self.state.waiting_review
+        review = self.current_review()
         if review is None:
             return
 
@@ -457,7 +553,7 @@ class ProctorApp(App[None]):
         from engine.review import find_review
         from tui.editor import EditorError, edit_files
 
-        review = self.state.waiting_review
+        review = self.current_review()
         if review is None or self.reader is None:
             return
         journaled = await asyncio.to_thread(find_review, self.reader.journal, review.proposal_id)
@@ -599,12 +695,15 @@ def help_text(app: ProctorApp) -> str:
             if isinstance(binding, Binding)}
     lines = ["# proctor keys", "", "| key | action | |", "|---|---|---|"]
     for action, title, help_line in ACTIONS:
-        key = keys.get(action, "").replace("question_mark", "?")
+        key = keys.get(action, "").replace("question_mark", "?").replace(
+            "left_square_bracket", "[").replace("right_square_bracket", "]")
         lines.append(f"| `{key}` | {title} | {help_line} |")
     lines += ["", "`ctrl+p` opens the command palette (every action that applies now). "
               "In a log, `f` or `End` follows new lines again; scrolling up stops following.",
               "", "In the tree tab, `t` switches between the tree and the flat table, and "
               "`space` folds or unfolds a branch; the path to the best node is green.",
+              "", "With several slots, `[` and `]` switch the slot the run tab shows, and "
+              "the proposal the review tab shows when several wait.",
               "", "Keys that do not apply now are hidden from the footer."]
     return "\n".join(lines)
 

@@ -6,6 +6,9 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.markup import escape
+
+from engine.logs import strip_control
 
 if TYPE_CHECKING:
     from tui.app import ProctorApp
@@ -20,6 +23,10 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("reject", "Reject the proposal", "reject it with a reason the agent reads"),
     ("edit", "Edit and accept", "edit the proposed files in $EDITOR, accept your version"),
     ("toggle_diff", "Toggle side-by-side diff", "unified or side-by-side code diffs"),
+    ("previous_slot", "Previous slot", "the run and live log of the slot before"),
+    ("next_slot", "Next slot", "the run and live log of the next slot"),
+    ("previous_review", "Previous waiting proposal", "another slot's proposal that waits"),
+    ("next_review", "Next waiting proposal", "another slot's proposal that waits"),
     ("toggle_tree_layout", "Tree or table", "the node tree with guides, or the flat table"),
     ("revert", "Revert a node", "a new node with the code before this change"),
     ("adopt_manual", "Adopt the manual edit", "make the human edit the next node's code"),
@@ -40,7 +47,27 @@ class ProctorCommands(Provider):
 
     def _available(self) -> list[tuple[str, str, str]]:
         app = self.proctor
-        return [entry for entry in ACTIONS if app.action_applies(entry[0])]
+        entries = [entry for entry in ACTIONS if app.action_applies(entry[0])]
+        return entries + [entry for entry in self._each_slot_and_review()
+                          if app.action_applies(entry[0])]
+
+    def _each_slot_and_review(self) -> list[tuple[str, str, str]]:
+        """One entry per slot (its live log) and per waiting proposal (to decide it)."""
+        state = self.proctor.state
+        entries = []
+        for slot in range(1, state.slot_count + 1):
+            run = state.slot_runs.get(slot)
+            where = run.where if run is not None and run.where else (
+                state.slots[slot - 1] if slot <= len(state.slots) else "")
+            doing = f"iteration {run.iteration}" if run is not None else "no run yet"
+            entries.append((f"show_slot({slot})", f"Show slot {slot}",
+                            _quoted(f"{doing}; {where}".strip("; "))))
+        for review in state.waiting_reviews:
+            entries.append((f"pick_review({review.iteration})",
+                            f"Review the proposal of iteration {review.iteration}",
+                            _quoted(review.proposal.mutation
+                                    or review.config_diff.replace("\n", "; "))))
+        return entries
 
     async def discover(self) -> Hits:
         for action, title, help_text in self._available():
@@ -53,3 +80,8 @@ class ProctorCommands(Provider):
             if score > 0:
                 yield Hit(score, matcher.highlight(title),
                           partial(self.proctor.run_action, action), help=help_text)
+
+
+def _quoted(text: str) -> str:
+    """Text an agent or a cluster wrote, as the palette's help (which reads markup)."""
+    return escape(strip_control(text))

@@ -2,7 +2,8 @@
 
 The engine (or an attached run's poller) publishes as fast as it likes; the app drains the
 pump on a timer. Consecutive log batches of one iteration are merged, progress updates
-collapse to the latest (handed over last), and lines beyond `max_pending_lines` are dropped
+collapse to the latest of each iteration (handed over last: runs in several slots each have
+theirs), and lines beyond `max_pending_lines` are dropped
 oldest-first and replaced by one marker line, so memory stays bounded whatever the child
 prints."""
 
@@ -29,7 +30,7 @@ class EventPump:
         self._lock = threading.Lock()
         self._items: list[ev.Event | _LogBatch] = []
         self._pending_lines = 0
-        self._progress: ev.TrainingProgress | None = None
+        self._progress: dict[int, ev.TrainingProgress] = {}
         self.published = 0
         self.skipped_lines = 0
 
@@ -46,7 +47,8 @@ class EventPump:
                 self._pending_lines += len(event.lines)
                 self._trim()
             elif isinstance(event, ev.TrainingProgress):
-                self._progress = event  # only the latest matters
+                self._progress.pop(event.iteration, None)  # only the latest matters
+                self._progress[event.iteration] = event
             else:
                 self._items.append(event)
 
@@ -67,9 +69,8 @@ class EventPump:
         """Everything published since the last drain, in order."""
         with self._lock:
             items, self._items, self._pending_lines = self._items, [], 0
-            progress, self._progress = self._progress, None
-        if progress is not None:
-            items.append(progress)
+            progress, self._progress = self._progress, {}
+        items.extend(progress.values())
         events: list[ev.Event] = []
         for item in items:
             if isinstance(item, _LogBatch):

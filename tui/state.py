@@ -2,7 +2,13 @@
 
 `RunState.apply(event)` updates the model and returns the notices worth telling the human
 (a proposal waiting, a manual edit, an error). The views read the state; they never fold
-events themselves."""
+events themselves.
+
+With `exploration.parallel: k` several iterations are in flight at once and their events
+interleave: each slot's run is a `SlotRun` (an iteration maps to its slot through
+TrainingStarted), and every iteration keeps its own proposal, so a review waiting in one
+slot never hides another slot's training. The top-level fields (iteration, phase, node, ...)
+follow the latest event, which is the whole story when k = 1."""
 
 from __future__ import annotations
 
@@ -66,6 +72,29 @@ class Review:
         return iteration == self.iteration  # an engine that names no proposal
 
 
+@dataclass
+class SlotRun:
+    """The run a slot holds now, or held last (`status` set once it finished)."""
+
+    slot: int
+    where: str
+    iteration: int
+    node_id: int
+    parent_id: int | None
+    mutation: str
+    strategy: str = ""
+    hypothesis: str = ""
+    step: int = 0
+    steps: int = 0
+    progress_phase: str = TRAINING
+    status: str | None = None  # the node's status once its run finished ("done", "failed")
+    r2: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+
 @dataclass(frozen=True)
 class ManualEdit:
     path: str
@@ -97,28 +126,63 @@ class RunState:
     progress_phase: str = TRAINING  # what `step` counts: simulated frames or training steps
     best_r2: float | None = None
     last_r2: float | None = None
-    review: Review | None = None
+    reviews: dict[int, Review] = field(default_factory=dict)  # each iteration's latest proposal
+    slots: tuple[str, ...] = ()  # where each slot runs, slot 1 first (RunOpened)
+    slot_runs: dict[int, SlotRun] = field(default_factory=dict)  # slot -> its latest run
+    in_flight: set[int] = field(default_factory=set)  # iterations started, not yet finished
     manual_edits: dict[str, ManualEdit] = field(default_factory=dict)
     paused: str | None = None
     sandbox_missing: tuple[str, ...] = ()
     finished: ev.RunFinished | None = None
     last_error: str | None = None
-    log_iteration: int | None = None
     events_seen: int = 0
     proposals_seen: int = 0
 
     @property
+    def slot_count(self) -> int:
+        """How many slots the run has (1 for an engine that names none)."""
+        return max(1, len(self.slots))
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots holding an iteration now (proposing, waiting for review or training)."""
+        return min(self.slot_count, len(self.in_flight))
+
+    @property
+    def waiting_reviews(self) -> list[Review]:
+        """Every proposal a human must decide on now, oldest iteration first."""
+        return [self.reviews[i] for i in sorted(self.reviews) if self.reviews[i].awaiting]
+
+    @property
     def waiting_review(self) -> Review | None:
-        """The proposal a human must decide on now, if any."""
-        return self.review if self.review is not None and self.review.awaiting else None
+        """The oldest proposal a human must decide on now, if any."""
+        waiting = self.waiting_reviews
+        return waiting[0] if waiting else None
+
+    @property
+    def review(self) -> Review | None:
+        """The proposal to show when the human picked none: the oldest waiting one, else the
+        latest one made."""
+        waiting = self.waiting_review
+        if waiting is not None or not self.reviews:
+            return waiting
+        return max(self.reviews.values(), key=lambda review: review.serial)
+
+    def slot_of(self, iteration: int) -> int | None:
+        """The slot whose latest run is `iteration`'s (None before its training started)."""
+        for slot, run in self.slot_runs.items():
+            if run.iteration == iteration:
+                return slot
+        return None
 
     def apply(self, event: ev.Event) -> list[Notice]:
         """Fold one event; returns what to tell the human about it."""
         self.events_seen += 1
         match event:
             case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total,
-                              sandbox_missing=missing):
+                              sandbox_missing=missing, slots=slots):
                 self.run, self.run_dir, self.total_iterations = run, run_dir, total
+                self.slots = slots
                 self.finished = None
                 self.sandbox_missing = missing
                 if missing:
@@ -128,15 +192,18 @@ class RunState:
                 self.iteration, self.block, self.total_iterations = iteration, block, total
                 self.phase = Phase.PROPOSING
                 self.step = self.steps = 0
-                self.review = None
+                # a new iteration: proposals of iterations that ended are history
+                self.reviews = {i: r for i, r in self.reviews.items()
+                                if (r.awaiting or i in self.in_flight) and i != iteration}
+                self.in_flight.add(iteration)
                 self.finished = None
             case ev.ProposalReady(iteration=iteration, proposal=proposal, diff=diff,
                                   config_diff=config_diff, awaiting_review=awaiting,
                                   proposal_id=proposal_id):
                 self.iteration, self.node_id = iteration, iteration  # a node's id: its iteration
                 self.proposals_seen += 1
-                self.review = Review(iteration, proposal, diff, config_diff, awaiting,
-                                     self.proposals_seen, proposal_id)
+                self.reviews[iteration] = Review(iteration, proposal, diff, config_diff,
+                                                 awaiting, self.proposals_seen, proposal_id)
                 self.parent_id, self.strategy = proposal.parent_id, str(proposal.strategy)
                 self.mutation = proposal.mutation or config_diff.replace("\n", "; ")
                 self.hypothesis = proposal.hypothesis
@@ -144,8 +211,9 @@ class RunState:
                     self.phase = Phase.REVIEWING
             case ev.ProposalDecided(iteration=iteration, approved=approved, reason=reason,
                                     by=by, proposal_id=proposal_id):
-                if self.review is not None and self.review.named_by(iteration, proposal_id):
-                    self.review.awaiting = False
+                review = self.reviews.get(iteration)
+                if review is not None and review.named_by(iteration, proposal_id):
+                    review.awaiting = False
                 self.phase = Phase.APPLYING if approved else Phase.PROPOSING
                 if by != "policy" and not approved:
                     return [Notice(f"iteration {iteration}: rejected ({reason})", title=by)]
@@ -159,15 +227,22 @@ class RunState:
                 self.phase = Phase.TRAINING
                 self.step = self.steps = 0
                 self.progress_phase = TRAINING
-                self.review = None
+                self._start_slot(event)
             case ev.TrainingProgress(iteration=iteration, step=step, total=total, phase=phase):
                 if iteration == self.iteration:  # a late update of a finished run is stale
                     self.step, self.steps, self.progress_phase = step, total, phase
                     self.phase = Phase.SIMULATING if phase == SIMULATION else Phase.TRAINING
-            case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
-                                 best_r2=best):
+                run = self.slot_runs.get(self.slot_of(iteration) or 0)
+                if run is not None and run.running:
+                    run.step, run.steps, run.progress_phase = step, total, phase
+            case ev.NodeFinished(iteration=iteration, node_id=node_id, status=status,
+                                 metrics=metrics, error=error, best_r2=best):
                 self.phase = Phase.RECORDING
                 self.last_r2 = finite(metrics.get("final_r2"))
+                self.in_flight.discard(iteration)
+                run = self.slot_runs.get(self.slot_of(iteration) or 0)
+                if run is not None:
+                    run.status, run.r2 = status, self.last_r2
                 best = finite(best)
                 if best is not None:
                     self.best_r2 = best if self.best_r2 is None else max(self.best_r2, best)
@@ -175,6 +250,7 @@ class RunState:
                     return [Notice(f"node {node_id} {status}: {_first_line(error or '')}",
                                    "warning")]
             case ev.IterationSkipped(iteration=iteration, reason=reason):
+                self.in_flight.discard(iteration)
                 return [Notice(f"iteration {iteration} skipped: {_first_line(reason)}",
                                "warning")]
             case ev.Paused(reason=reason):
@@ -188,13 +264,27 @@ class RunState:
                 return [Notice(message, "error", title="engine")]
             case ev.RunFinished(reason=reason, best_node=best_node, best_r2=best):
                 self.finished, self.phase = event, Phase.FINISHED
-                self.review = None
+                self.reviews.clear()
+                self.in_flight.clear()
                 best = finite(best)
                 if best is not None:
                     self.best_r2 = best
                 where = f"; best node {best_node}" if best_node is not None else ""
                 return [Notice(f"run finished: {reason}{where}", title="run")]
         return self._apply_human_events(event)
+
+    def _start_slot(self, event: ev.TrainingStarted) -> None:
+        """The slot of `event` now runs its node (with the strategy its proposal named)."""
+        slot = event.slot if 1 <= event.slot <= self.slot_count else 1
+        proposal = self.reviews.pop(event.iteration, None)
+        where = event.where or (self.slots[slot - 1] if slot <= len(self.slots) else "")
+        run = SlotRun(slot, where, event.iteration, event.node_id, event.parent_id,
+                      event.mutation)
+        if proposal is not None:
+            run.strategy = str(proposal.proposal.strategy)
+            run.hypothesis = proposal.proposal.hypothesis
+            run.mutation = run.mutation or proposal.proposal.mutation
+        self.slot_runs[slot] = run
 
     def _apply_human_events(self, event: ev.Event) -> list[Notice]:
         """Events about what humans do to the code (manual edits, reverts, edited versions)."""
@@ -211,14 +301,16 @@ class RunState:
                 what = f"adopted as node {node_id}" if adopted else "ignored"
                 return [Notice(f"manual edit {path or '(all)'} {what}")]
             case ev.ProposalStale(iteration=iteration, path=path):
-                if self.review is not None and self.review.iteration == iteration:
-                    self.review.stale_paths.append(path)
+                review = self.reviews.get(iteration)
+                if review is not None:
+                    review.stale_paths.append(path)
                 return [Notice(f"the proposal of iteration {iteration} edits {path}, which a "
                                "human changed meanwhile", "warning", title="stale proposal")]
             case ev.EditedVersionInvalid(iteration=iteration, error=error):
-                if self.review is not None and self.review.iteration == iteration:
-                    self.review.edit_error = error
-                    self.review.awaiting = True
+                review = self.reviews.get(iteration)
+                if review is not None:
+                    review.edit_error = error
+                    review.awaiting = True
                     self.phase = Phase.REVIEWING
                 return [Notice(f"your edited version was refused: {_first_line(error)}",
                                "error", title=f"iteration {iteration}")]

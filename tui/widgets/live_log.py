@@ -31,6 +31,22 @@ class LiveLog(LineView):
         """A copy of the lines held now (for tests and copying)."""
         return list(self._lines)
 
+    @property
+    def buffer(self) -> deque[str]:
+        """The ring of lines shown now (another slot's can be shown instead: `show_buffer`)."""
+        return self._lines
+
+    def new_buffer(self) -> deque[str]:
+        """An empty ring as large as this log's."""
+        return deque(maxlen=self.max_lines)
+
+    def show_buffer(self, lines: deque[str]) -> None:
+        """Show another ring of lines (e.g. another slot's), following its end."""
+        self._lines = lines
+        self.reset()
+        widest = max((len(line) for line in list(lines)[-200:]), default=0)
+        self.content_changed(added=0, widest=widest)
+
     def write_lines(self, lines: Sequence[str]) -> None:
         """Append a batch of lines."""
         if not lines:

@@ -33,16 +33,18 @@ class Document:
     markdown: bool
 
 
-def run_documents(run_dir: Path, instructions: Path | None,
-                  training_node: int | None) -> list[Document]:
-    """The documents of a run folder, in the order the list shows them."""
+def run_documents(run_dir: Path, instructions: Path | None, training: dict[int, int],
+                  *, several_slots: bool = False) -> list[Document]:
+    """The documents of a run folder, in the order the list shows them; `training` names
+    the node whose training log each slot shows (slot -> node)."""
     paths = RunPaths(run_dir)
     docs = [Document(path.stem, path.name, path, markdown) for path, markdown in (
         (paths.analysis, True), (paths.memory, True), (paths.reasoning, False),
         (paths.scores, False))]
-    if training_node is not None:
-        docs.append(Document("training", f"training log (node {training_node})",
-                             paths.training_log(training_node), False))
+    for slot, node in sorted(training.items()):
+        key, label = ((f"training-{slot}", f"training log, slot {slot} (node {node})")
+                      if several_slots else ("training", f"training log (node {node})"))
+        docs.append(Document(key, label, paths.training_log(node), False))
     if instructions is not None:
         docs.append(Document("instructions", f"instructions: {instructions.name}",
                              instructions, True))

@@ -1,5 +1,6 @@
 """The Review view: the pending proposal (prose, config changes, code diff) and any manual
-edits a human made to the editable files."""
+edits a human made to the editable files. When several proposals wait (one per slot), a line
+lists them and the human picks which one the view shows and the keys decide."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from engine.logs import strip_control
-from tui.state import RunState
+from tui.state import Review, RunState
 from tui.widgets.diff_view import DiffView
 from tui.widgets.plain import plain
 
@@ -31,6 +32,8 @@ class ReviewView(VerticalScroll):
 
     DEFAULT_CSS = """
     ReviewView { padding: 0 1; }
+    ReviewView #review-picker { display: none; margin-bottom: 1; }
+    ReviewView #review-picker.shown { display: block; }
     ReviewView #review-title { text-style: bold; margin-bottom: 1; }
     ReviewView #review-title.waiting { background: $warning 30%; }
     ReviewView .heading { text-style: bold; margin-top: 1; }
@@ -41,6 +44,7 @@ class ReviewView(VerticalScroll):
     """
 
     def compose(self) -> ComposeResult:
+        yield Static("", id="review-picker")
         yield Static("No proposal yet.", id="review-title")
         yield Static("", id="review-warning")
         yield Static("", id="review-prose")
@@ -55,10 +59,12 @@ class ReviewView(VerticalScroll):
     def diff_view(self) -> DiffView:
         return self.query_one("#review-diff", DiffView)
 
-    def show(self, state: RunState, snapshot: RunSnapshot | None, sent: bool) -> None:
-        """Redraw from the state; `sent`: a decision for this proposal is on its way."""
+    def show(self, state: RunState, snapshot: RunSnapshot | None, review: Review | None,
+             sent: bool, decided: frozenset[int] = frozenset()) -> None:
+        """Redraw from the state, detailing `review`; `sent`: a decision for it is on its way;
+        `decided`: the keys of the waiting proposals a decision was sent for."""
+        self._show_picker(state.waiting_reviews, review, decided)
         title = self.query_one("#review-title", Static)
-        review = state.review
         if review is None:
             title.update("No proposal waiting." if state.iteration else "No proposal yet.")
             title.set_class(False, "waiting")
@@ -108,6 +114,23 @@ class ReviewView(VerticalScroll):
         target = snapshot.latest_code_change() if snapshot else None
         self.query_one("#revert-target", Static).update(
             f"Latest applied code change: node {target} (v: revert it)" if target else "")
+
+    def _show_picker(self, waiting: list[Review], shown: Review | None,
+                     decided: frozenset[int]) -> None:
+        """`3 proposals wait: [iteration 7] iteration 9 (sent) iteration 10   [ ] switch`."""
+        picker = self.query_one("#review-picker", Static)
+        picker.set_class(len(waiting) > 1, "shown")
+        if len(waiting) < 2:
+            return
+        line = Text.assemble((f"{len(waiting)} proposals wait:", "bold"))
+        for review in waiting:
+            label = f" iteration {review.iteration}" + (" (sent)" if review.key in decided
+                                                          else "") + " "
+            line.append(" ")
+            line.append(label, "reverse bold" if shown is not None and review.key == shown.key
+                        else "")
+        line.append("   [ ] switch", "dim")
+        picker.update(line)
 
     def _show_manual(self, state: RunState) -> None:
         panel = self.query_one("#manual", VerticalScroll)

@@ -1,4 +1,7 @@
-"""The Run view: what the current iteration is doing, the live training log, R2 so far."""
+"""The Run view: what the current iteration is doing, the live training log, R2 so far.
+
+With several slots a bar lists them (the shown one marked), and the details, the progress
+and the live log are the shown slot's; with one slot there is no slot chrome at all."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
 from engine.progress import SIMULATION
-from tui.state import RunState
+from tui.state import RunState, SlotRun
 from tui.widgets.line_view import LineView
 from tui.widgets.live_log import LiveLog
 from tui.widgets.plain import plain
@@ -23,7 +26,7 @@ def format_r2(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def progress_label(state: RunState) -> Text:
+def progress_label(state: RunState | SlotRun) -> Text:
     """What the progress bar counts: `simulating 40/200 frames`, `training 300/2000 steps`."""
     if not state.steps:
         return Text("training")
@@ -32,10 +35,41 @@ def progress_label(state: RunState) -> Text:
     return Text(f"training {state.step}/{state.steps} steps")
 
 
+def slot_role(snapshot: RunSnapshot | None, slot: int) -> str | None:
+    """What `slot` is asked for (`exploration.slot_roles`, cycled over the slots as the
+    engine assigns them); None when the config names no roles."""
+    roles = snapshot.info.config.exploration.slot_roles if snapshot is not None else []
+    return roles[(slot - 1) % len(roles)] if roles else None
+
+
+def slot_summary(run: SlotRun | None) -> str:
+    """A few words on a slot for the slot bar: `it 7 training 40%`, `it 8 done`."""
+    if run is None:
+        return "no run yet"
+    if not run.running:
+        return f"it {run.iteration} {run.status}"
+    what = "simulating" if run.progress_phase == SIMULATION else "training"
+    share = f" {100 * min(run.step, run.steps) // run.steps}%" if run.steps else ""
+    return f"it {run.iteration} {what}{share}"
+
+
+def slot_bar(state: RunState, shown: int) -> Text:
+    """Every slot in one wrapping line, the shown one highlighted."""
+    bar = Text.assemble((f"slots {state.busy_slots}/{state.slot_count} busy", "bold"),
+                        ("  [ ] switch  ", "dim"))
+    for slot in range(1, state.slot_count + 1):
+        label = f" {slot}: {slot_summary(state.slot_runs.get(slot))} "
+        bar.append(label, "reverse bold" if slot == shown else "")
+        bar.append(" ")
+    return bar
+
+
 class RunView(Vertical):
     """Iteration details and R2 chart on top, the training progress, then the live log."""
 
     DEFAULT_CSS = """
+    RunView #slot-bar { height: auto; padding: 0 1; background: $panel; display: none; }
+    RunView #slot-bar.shown { display: block; }
     RunView #run-top { height: 7; }
     RunView #run-info { width: 1fr; padding: 0 1; }
     RunView #run-chart { width: 42; padding: 0 1; border-left: solid $primary-darken-2; }
@@ -55,6 +89,7 @@ class RunView(Vertical):
         self.max_lines = max_lines
 
     def compose(self) -> ComposeResult:
+        yield Static("", id="slot-bar")
         with Horizontal(id="run-top"):
             yield Static(id="run-info")
             with Vertical(id="run-chart"):
@@ -71,8 +106,21 @@ class RunView(Vertical):
     def live_log(self) -> LiveLog:
         return self.query_one(LiveLog)
 
-    def show(self, state: RunState, snapshot: RunSnapshot | None) -> None:
-        """Redraw from the state (cheap; called once per batch of events)."""
+    def show(self, state: RunState, snapshot: RunSnapshot | None, slot: int = 1) -> None:
+        """Redraw from the state (cheap; called once per batch of events); with several
+        slots, `slot`'s run is the one detailed."""
+        several = state.slot_count > 1
+        bar = self.query_one("#slot-bar", Static)
+        bar.set_class(several, "shown")
+        if several:
+            bar.update(slot_bar(state, slot))
+            self._show_slot(state, snapshot, slot)
+        else:
+            self._show_iteration(state, snapshot)
+        self._show_chart(snapshot)
+
+    def _show_iteration(self, state: RunState, snapshot: RunSnapshot | None) -> None:
+        """The one slot's iteration, as the latest events tell it."""
         total = state.total_iterations or (snapshot.info.iterations if snapshot else 0)
         lines = Text()
         lines.append(f"iteration {state.iteration}/{total}", "bold")
@@ -86,15 +134,41 @@ class RunView(Vertical):
         lines.append("\nhypothesis ", "dim")
         lines.append_text(plain(state.hypothesis or "–"))
         lines.append("\n")
-        best_r2, best_id = state.best_r2, None
-        if snapshot is not None and snapshot.best_r2 is not None:
-            best_r2, best_id = snapshot.best_r2, snapshot.best_id
-        lines.append("best R²    ", "dim")
-        lines.append(format_r2(best_r2), "bold green")
-        if best_id is not None:
-            lines.append(f" (node {best_id})")
-        lines.append(f" · last {format_r2(state.last_r2)}")
+        lines.append_text(_best(state, snapshot, state.last_r2))
         self.query_one("#run-info", Static).update(lines)
+        self._show_progress(state)
+
+    def _show_slot(self, state: RunState, snapshot: RunSnapshot | None, slot: int) -> None:
+        """Slot `slot`: where it runs, its role, and its latest run."""
+        run = state.slot_runs.get(slot)
+        where = run.where if run is not None and run.where else (
+            state.slots[slot - 1] if slot <= len(state.slots) else f"slot {slot}")
+        role = slot_role(snapshot, slot)
+        lines = Text.assemble((f"slot {slot}/{state.slot_count}", "bold"), " · ", plain(where))
+        if role is not None:
+            lines.append(f" · role {role}")
+        lines.append("\n")
+        if run is None:
+            lines.append("no run started in this slot yet\n", "dim")
+        else:
+            total = state.total_iterations or (snapshot.info.iterations if snapshot else 0)
+            lines.append(f"iteration {run.iteration}/{total}", "bold")
+            lines.append(" · ")
+            lines.append_text(progress_label(run) if run.running else
+                              Text(f"node {run.node_id} {run.status}"))
+            parent = "root" if run.parent_id is None else str(run.parent_id)
+            lines.append(f"\nnode {run.node_id} ← parent {parent} · strategy ")
+            lines.append_text(plain(run.strategy or "–"))
+            lines.append("\nmutation   ", "dim")
+            lines.append_text(plain(run.mutation or "–"))
+            lines.append("\nhypothesis ", "dim")
+            lines.append_text(plain(run.hypothesis or "–"))
+            lines.append("\n")
+        lines.append_text(_best(state, snapshot, run.r2 if run is not None else None))
+        self.query_one("#run-info", Static).update(lines)
+        self._show_progress(run or SlotRun(slot, where, 0, 0, None, ""))
+
+    def _show_chart(self, snapshot: RunSnapshot | None) -> None:
         series = list(snapshot.r2_series) if snapshot else []
         self.query_one("#r2-chart", Sparkline).data = series
         if series:
@@ -102,6 +176,8 @@ class RunView(Vertical):
         else:
             summary = "no finished runs yet"
         self.query_one("#chart-range", Label).update(summary)
+
+    def _show_progress(self, state: RunState | SlotRun) -> None:
         bar = self.query_one("#train-progress", ProgressBar)
         bar.update(total=max(state.steps, 1), progress=min(state.step, max(state.steps, 1)))
         self.query_one("#progress-label", Label).update(progress_label(state))
@@ -112,3 +188,17 @@ class RunView(Vertical):
         marker.set_class(shown, "shown")
         if shown:
             marker.update(f"▼ {event.unseen} new lines — press f or End to follow")
+
+
+def _best(state: RunState, snapshot: RunSnapshot | None, last: float | None) -> Text:
+    """`best R²  0.9312 (node 5) · last 0.9100`."""
+    best_r2, best_id = state.best_r2, None
+    if snapshot is not None and snapshot.best_r2 is not None:
+        best_r2, best_id = snapshot.best_r2, snapshot.best_id
+    line = Text()
+    line.append("best R²    ", "dim")
+    line.append(format_r2(best_r2), "bold green")
+    if best_id is not None:
+        line.append(f" (node {best_id})")
+    line.append(f" · last {format_r2(last)}")
+    return line
