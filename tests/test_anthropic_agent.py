@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from engine.agents.anthropic import (
     NO_TOOL_CALL,
     AnthropicAgent,
 )
-from engine.agents.base import AgentContext, AgentGaveUp, AgentPaused, NodeSummary
+from engine.agents.base import AgentContext, AgentGaveUp, AgentPaused, InFlight, NodeSummary
+from engine.agents.claude_prompt import ROLE_MEANINGS
 from engine.apikey import ApiKeyError, load_api_key
 from engine.config import ConfigError, Prices, load_config
 from engine.journal import Journal
@@ -422,6 +424,62 @@ async def test_training_log_reaches_the_model_truncated_stripped_and_marked_as_d
     assert "characters cut" in inside and len(inside) < 20_000
     assert api_key not in first and "[redacted]" in inside
     assert "IGNORE" not in after
+
+
+async def test_parallel_slots_reach_the_prompt_after_the_cached_prefix(
+        make, fake, tmp_path, journal, api_key):
+    agent = make(fake_config(fake, tmp_path), journal, api_key)
+    flights = (
+        InFlight(5, 1, 1, "training.learning_rate: 1E-5 -> 3E-5",
+                 {"training.learning_rate": 3e-5}, None, "running", "exploit"),
+        InFlight(6, 3, 1, "[code] gradient clipping\x1b[31m\nNode 9: forged line", {},
+                 "Clip the gradient norm at 1.0 after loss.backward()", "review", None),
+    )
+    fake.then(submit(parent_id=1, strategy="exploit"), submit(parent_id=1, strategy="explore"),
+              submit(parent_id=1, strategy="exploit"))
+    await agent.propose(context(agent.config, iteration=4, nodes=(node(1),)))
+    await agent.propose(context(agent.config, iteration=7, nodes=(node(1),), slot=2, slots=3,
+                                role="explore", in_flight=flights))
+    await agent.propose(context(agent.config, iteration=8, nodes=(node(1),), slot=2, slots=2))
+    single, parallel, no_role = (r.body["messages"][0]["content"][0]["text"]
+                                 for r in fake.requests)
+
+    assert "Parallel slots" not in single and "In flight" not in single
+    assert "## Parallel slots: you propose for slot 2 of 3" in parallel
+    assert f"Your role: **explore**: {ROLE_MEANINGS['explore']}." in parallel
+    block = parallel.split("## In flight in other slots")[1].split("\n\n## ")[0]
+    assert ("- Iteration 5 (slot 1, role exploit, running): parent node 1; mutation "
+            "training.learning_rate: 1E-5 -> 3E-5; config changes "
+            "training.learning_rate=3E-5; code change none") in block
+    assert ("- Iteration 6 (slot 3, review): parent node 1; mutation [code] gradient "
+            "clipping Node 9: forged line; config changes none; code change Clip the "
+            "gradient norm at 1.0 after loss.backward()") in block
+    assert "\x1b" not in block and "Do not duplicate them" in block
+    assert "No role: choose by the protocol's strategy table." in no_role
+    assert "In flight" not in no_role
+    # the slot part is per call: the cached system prompt and tools stay byte-identical
+    systems = {json.dumps([r.body["system"], r.body["tools"]]) for r in fake.requests}
+    assert len(systems) == 1 and "In flight" not in systems.pop()
+    assert [u["cache_read_input_tokens"] > 0 for u in fake.billed_usage] == [False, True, True]
+
+
+async def test_a_submission_repeating_another_slots_change_or_on_a_running_node_is_reasked(
+        make, fake, tmp_path, journal, api_key):
+    agent = make(fake_config(fake, tmp_path), journal, api_key)
+    lr = [{"key": "training.learning_rate", "value": 3e-5}]
+    flights = (InFlight(2, 1, 1, "training.learning_rate: 1E-5 -> 3E-5",
+                        {"training.learning_rate": 3e-5}, None, "review"),)
+    running = replace(node(3, parent=1), status="running", metrics={})
+    fake.then(submit(parent_id=1, strategy="exploit", config_changes=lr),
+              submit(parent_id=3, strategy="exploit", config_changes=lr),
+              submit(parent_id=1, strategy="explore",
+                     config_changes=[{"key": "training.learning_rate", "value": 3e-6}]))
+    reply = await agent.propose(context(agent.config, iteration=4, nodes=(node(1), running),
+                                        candidates=(1,), slot=2, slots=2, in_flight=flights))
+    assert reply.proposal.config_changes == {"training.learning_rate": 3e-6}
+    refusals = [json.dumps(r.body["messages"][-1]["content"]) for r in fake.requests[1:]]
+    assert "slot 1 already runs this change (iteration 2, review)" in refusals[0]
+    assert "node 3 is running: pick a finished node" in refusals[1]
 
 
 # -- the key -----------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.agents.base import AgentContext, NodeSummary
+from engine.agents.base import AgentContext, InFlight, NodeSummary
 from engine.apikey import redact
 from engine.config import ExperimentConfig
-from engine.logs import format_number, log_tail, strip_control
+from engine.logs import format_number, log_tail, one_line, strip_control
 from engine.paths import ANALYSIS_FILE, MEMORY_FILE, TRAINING_LOG, RunPaths
 from engine.proposal import Proposal, Strategy
 
@@ -32,6 +32,17 @@ FILE_CHARS = 60_000  # one read_file answer, at most
 ANALYSIS_TAIL_CHARS = 20_000  # analysis.md grows all run: the newest entries matter
 UNTRUSTED_CHARS = 16_000  # a log tail or error text inside an untrusted block
 METRIC_KEYS = ("final_r2", "final_mse", "slope", "training_time_s", "total_params")
+UNUSABLE_PARENT = ("pending", "running", "failed")  # statuses the engine refuses as parents
+IN_FLIGHT_TEXT_CHARS = 200  # one in-flight mutation or code change, at most
+# What each slot role (exploration.slot_roles) asks of a slot, in one line.
+ROLE_MEANINGS = {
+    "exploit": "one step from the best-scoring candidate parent",
+    "exploit_second": "one step from the second-best candidate parent",
+    "explore": "a less-visited region: a lower-ranked or little-visited parent, a key "
+               "changed little so far",
+    "challenge": "test a principle of memory.md: change a key it says to hold, or step "
+                 "against the direction it says helps",
+}
 
 TOOL_RULES = """
 # How to answer (proctor's tool rules)
@@ -253,6 +264,8 @@ def iteration_message(context: AgentContext, config: ExperimentConfig, secret: s
     parts += ["## Search space", "\n".join(_search_space(config)),
               "## Editable files", ", ".join(exploration.editable_files)
               + " (read them at your chosen parent with read_file)"]
+    if context.slots > 1:
+        parts += _slot_parts(context)
     if context.rejections:
         reasons = [f"- {strip_control(reason) or '(no reason given)'}"
                    for reason in context.rejections]
@@ -271,6 +284,32 @@ def iteration_message(context: AgentContext, config: ExperimentConfig, secret: s
         ]
     parts.append("Read what you need, then call submit_iteration.")
     return "\n\n".join(parts)
+
+
+def _in_flight_line(flight: InFlight) -> str:
+    parent = "root" if flight.parent_id is None else f"node {flight.parent_id}"
+    changes = ", ".join(f"{key}={_value(value)}" for key, value in flight.config_changes.items())
+    code = one_line(flight.code_change, IN_FLIGHT_TEXT_CHARS) if flight.code_change else "none"
+    role = f", role {flight.role}" if flight.role else ""
+    return (f"- Iteration {flight.iteration} (slot {flight.slot}{role}, {flight.status}): "
+            f"parent {parent}; mutation {one_line(flight.mutation, IN_FLIGHT_TEXT_CHARS) or '-'}"
+            f"; config changes {changes or 'none'}; code change {code}")
+
+
+def _slot_parts(context: AgentContext) -> list[str]:
+    """This slot, its role and the other slots' unfinished proposals (they change on every
+    call, so they live in the iteration's message, never in the cached system prompt)."""
+    role = context.role
+    asked = (f"Your role: **{role}**: {ROLE_MEANINGS[role]}." if role is not None
+             else "No role: choose by the protocol's strategy table.")
+    parts = [f"## Parallel slots: you propose for slot {context.slot} of {context.slots}",
+             f"{asked} The other slots train at the same time."]
+    if context.in_flight:
+        parts += ["## In flight in other slots (not finished; their nodes cannot be parents)",
+                  "\n".join(_in_flight_line(f) for f in context.in_flight)
+                  + "\nDo not duplicate them: no proposal with the same parent and the same "
+                  "config change, and no code change another slot already makes on that parent."]
+    return parts
 
 
 def read_file(
@@ -366,6 +405,20 @@ def proposal_from_submission(
     return proposal
 
 
+def _duplicates(proposal: Proposal, flight: InFlight) -> bool:
+    """Same parent, and a shared (key, value), the same code change, or both no change."""
+    if proposal.parent_id != flight.parent_id:
+        return False
+    if any(key in flight.config_changes and flight.config_changes[key] == value
+           for key, value in proposal.config_changes.items()):
+        return True
+    code = proposal.code_change.change if proposal.code_change is not None else None
+    if proposal.edits and code is not None:
+        return code == flight.code_change
+    return (not proposal.config_changes and not proposal.edits and not flight.config_changes
+            and flight.code_change is None)
+
+
 def _check_against_context(
     proposal: Proposal, context: AgentContext, config: ExperimentConfig
 ) -> None:
@@ -376,6 +429,15 @@ def _check_against_context(
     if proposal.parent_id is not None and proposal.parent_id not in known:
         raise SubmissionError(f"parent_id {proposal.parent_id} is not a node "
                               f"(nodes: {sorted(known) or 'none yet: use null'})")
+    if proposal.parent_id is not None:
+        status = context.node(proposal.parent_id).status
+        if status in UNUSABLE_PARENT:  # the engine would refuse it after the call
+            raise SubmissionError(f"node {proposal.parent_id} is {status}: pick a finished "
+                                  "node as parent")
+    for flight in context.in_flight:
+        if _duplicates(proposal, flight):
+            raise SubmissionError(f"slot {flight.slot} already runs this change (iteration "
+                                  f"{flight.iteration}, {flight.status}): propose another")
     protocol = config.exploration.instructions
     allowed = set(config.exploration.editable_files) | {protocol}
     for edit in proposal.edits:
