@@ -5,6 +5,11 @@ comes from one `random.Random` derived from (seed, iteration, repair attempt, re
 Config changes step one search-space key at a time inside its declared range; code changes
 come from the template library in `engine.agents.templates`, tried only where their search
 text occurs exactly once in the parent's files. Log text is never copied into the prose.
+
+With parallel slots the other slots' unfinished proposals (`context.in_flight`) are planned
+around: no (parent, key, value), identical run or code template of theirs is proposed again,
+and a slot role (exploit, exploit_second, explore, challenge) picks the parent before the
+strategy table does.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.agents.base import AgentContext, AgentReply, NodeSummary
+from engine.agents.base import AgentContext, AgentReply, InFlight, NodeSummary
+from engine.agents.claude_prompt import ROLE_MEANINGS
 from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
 from engine.config import ExperimentConfig, ParamRange
 from engine.logs import format_number, one_line, quality_word
@@ -62,6 +68,12 @@ SUMMARY_LINES_CAP = 15
 FINISHED = ("done", "diverged")
 NOT_RUN = ("pending", "running")
 
+# How a principle of memory.md says which way a key helps (the agent's own wording first).
+UP_WORDS = ("raising", "raise", "increasing", "higher", "larger", "more")
+DOWN_WORDS = ("lowering", "lower", "decreasing", "smaller", "fewer", "less")
+HELPED_WORDS = ("helped", "helps", "improved", "improves")
+HURT_WORDS = ("hurt", "hurts", "worsened", "worsens")
+
 
 class HeuristicAgent:
     """Offline, deterministic agent; the default when no API key is configured."""
@@ -102,6 +114,7 @@ class Plan:
     template: CodeTemplate | None = None
     note: str = ""  # one extra sentence for the analysis
     do_not_retry: tuple[str, ...] = ()
+    role: str | None = None  # the slot role that chose this plan (None: the table did)
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -113,6 +126,22 @@ def same_value(a: Any, b: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def node_name(node_id: int | None) -> str:
+    return "the base config" if node_id is None else f"node {node_id}"
+
+
+def flight_template(flight: InFlight) -> CodeTemplate | None:
+    """The library template an in-flight proposal applies (by its mutation or its change)."""
+    template = template_of(flight.mutation)
+    if template is None and flight.code_change is not None:
+        template = next((t for t in TEMPLATES if t.change == flight.code_change), None)
+    return template
+
+
+def is_baseline(flight: InFlight) -> bool:
+    return flight.parent_id is None and not flight.config_changes and flight.code_change is None
 
 
 def _flatten(sections: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -152,6 +181,11 @@ class History:
         self._flat: dict[int | None, dict[str, Any]] = {}
         self._code: dict[int | None, tuple[str, ...]] = {}
         self._runs: set[tuple[Any, ...]] | None = None
+        self.in_flight = context.in_flight
+        # in-flight proposals that are not nodes yet (applied ones are children already)
+        self.unapplied = tuple(f for f in context.in_flight if f.iteration not in self.by_id)
+        self._flight_runs: dict[tuple[Any, ...], InFlight] = {}
+        self.collisions: list[str] = []  # in-flight changes this plan stepped around
 
     # nodes
     def parent(self, node: NodeSummary) -> NodeSummary | None:
@@ -218,7 +252,16 @@ class History:
         return next(iter(node.config_changes))
 
     def exists(self, parent_id: int | None, key: str, value: Any) -> bool:
-        """True when (parent, key, value) is already a node or was rejected this iteration."""
+        """True when (parent, key, value) is already a node or was rejected this iteration,
+        or another slot has that key in flight from that parent, the same way."""
+        for flight in self.in_flight:
+            if flight.parent_id != parent_id or key not in flight.config_changes:
+                continue
+            theirs = flight.config_changes[key]
+            if same_value(theirs, value) or self._same_way(parent_id, key, theirs, value):
+                self.collide(flight, f"{key} -> {format_number(theirs)} from "
+                                     f"{node_name(parent_id)}")
+                return True
         for child in self.children.get(parent_id, []):
             if key in child.config_changes and same_value(child.config_changes[key], value):
                 return True
@@ -253,7 +296,55 @@ class History:
             return True
         if self._runs is None:
             self._runs = {self._run_key(n.id, self.flat_config(n.id)) for n in self.context.nodes}
-        return self._run_key(parent_id, self.flat_config(parent_id) | dict(changes)) in self._runs
+            self._flight_runs = {
+                self._run_key(f.parent_id, self.flat_config(f.parent_id)
+                              | dict(f.config_changes)): f
+                for f in self.unapplied if f.code_change is None
+            }
+        run = self._run_key(parent_id, self.flat_config(parent_id) | dict(changes))
+        flight = self._flight_runs.get(run)
+        if flight is not None:
+            self.collide(flight, "the same config and code")
+        return run in self._runs or flight is not None
+
+    def _same_way(self, parent_id: int | None, key: str, a: Any, b: Any) -> bool:
+        """Both values step the search-space key the same way from the parent's: two slots
+        trying lr x2 and lr x3 from one node spend a slot on nearly one question."""
+        spec = self.space.get(key)
+        if spec is None:
+            return False
+        old = self.value(parent_id, key)
+        way = direction_of(spec, old, a)
+        return way != 0 and way == direction_of(spec, old, b)
+
+    def collide(self, flight: InFlight, what: str) -> None:
+        """Note that the plan stepped around another slot's proposal (for the reasoning)."""
+        line = f"{what} (iteration {flight.iteration}, slot {flight.slot})"
+        if line not in self.collisions:
+            self.collisions.append(line)
+
+    def flights_at(self, node_id: int | None) -> list[InFlight]:
+        """Unapplied in-flight proposals whose parent is `node_id`."""
+        return [f for f in self.unapplied if f.parent_id == node_id]
+
+    def visits(self, node_id: int) -> int:
+        """Children of the node, the other slots' unapplied proposals on it included."""
+        return len(self.children.get(node_id, [])) + len(self.flights_at(node_id))
+
+    def seed_rerun(self, node_id: int) -> bool:
+        """True when the node was re-run (or is being re-run) with only a new seed."""
+        changes = [c.config_changes for c in self.children.get(node_id, [])]
+        changes += [f.config_changes for f in self.flights_at(node_id) if f.code_change is None]
+        return any(set(c) == {SEED_KEY} for c in changes)
+
+    def key_usage(self) -> dict[str, int]:
+        """How often each key was changed across the tree and the in-flight proposals."""
+        usage: dict[str, int] = {}
+        for changes in [n.config_changes for n in self.context.nodes] + [
+                f.config_changes for f in self.unapplied]:
+            for key in changes:
+                usage[key] = usage.get(key, 0) + 1
+        return usage
 
     def _run_key(self, node_id: int | None, flat: Mapping[str, Any]) -> tuple[Any, ...]:
         """A hashable identity of (code, config); floats to 9 significant digits."""
@@ -267,7 +358,8 @@ class History:
         return self.code_signature(node_id), tuple(sorted((k, norm(v)) for k, v in flat.items()))
 
     def keys_tried_at(self, node_id: int | None) -> set[str]:
-        return {k for child in self.children.get(node_id, []) for k in child.config_changes}
+        tried = {k for child in self.children.get(node_id, []) for k in child.config_changes}
+        return tried | {k for f in self.flights_at(node_id) for k in f.config_changes}
 
     def regime(self, node_id: int | None) -> tuple[Any, Any]:
         return self.value(node_id, "dataset.field"), self.value(node_id, "dataset.n_frames")
@@ -364,7 +456,11 @@ def decide(context: AgentContext, config: ExperimentConfig) -> AgentReply:
             avoid.templates.add(plan.template.name)
     planner = Planner(context, config, avoid)
     plan = planner.plan()
-    return word(planner.history, plan, rejected)
+    reply = word(planner.history, plan, rejected)
+    if context.slots > 1 or context.in_flight:
+        reasoning = "\n".join([*slot_lines(planner, plan), reply.reasoning])
+        reply = replace(reply, reasoning=reasoning)
+    return reply
 
 
 class Planner:
@@ -375,12 +471,14 @@ class Planner:
         self.history = History(context, config, avoid)
         self.rng = derive_rng(config.exploration.seed, context)
         self._files: dict[tuple[int | None, str], str] = {}
+        self.role_miss = ""  # why the slot's role could not be followed, when it could not
 
     def plan(self) -> Plan:
         rows = (
             self.baseline,
             self.repair,
             self.no_finished_parent,
+            self.by_role,
             self.block_start,
             self.forced_branch,
             self.switch_parameter,
@@ -442,11 +540,19 @@ class Planner:
         for template in TEMPLATES:
             if template.name.lower() in settled or template.change.lower() in settled:
                 names.add(template.name)
+        for flight in self.history.in_flight:
+            template = flight_template(flight)
+            if template is not None:
+                names.add(template.name)
         return names
 
     def _template_at(self, parent_id: int | None, excluded: set[str]) -> CodeTemplate | None:
         usable = [t for t in TEMPLATES
                   if t.name not in excluded and t.applies(self._read(parent_id, t.file))]
+        for flight in self.history.in_flight:
+            template = flight_template(flight)
+            if template is not None and template.applies(self._read(parent_id, template.file)):
+                self.history.collide(flight, f"{template.mutation} at {node_name(parent_id)}")
         return self.rng.choice(usable) if usable else None
 
     def _key_plan(self, row: int, strategy: Strategy, parent_id: int | None, rule: str,
@@ -475,6 +581,10 @@ class Planner:
     # row 1
     def baseline(self) -> Plan | None:
         if self.context.nodes:
+            return None
+        running = next((f for f in self.history.in_flight if is_baseline(f)), None)
+        if running is not None:  # another slot measures the config as given: step a key
+            self.history.collide(running, "the baseline")
             return None
         return Plan(1, Strategy.BASELINE, None, "Root (baseline: the config as given)",
                     "No node has run yet: measure the config as given.",
@@ -543,6 +653,90 @@ class Planner:
         return self._key_plan(1, Strategy.EXPLORE, None, "Root (no finished node yet)",
                               "No node has finished yet: step one key of the config as given.",
                               step)
+
+    # slot roles (parallel mode): they pick the parent before the table's rows 3-11 do
+    def by_role(self) -> Plan | None:
+        role = self.context.role
+        if role is None:
+            return None
+        if not self.history.candidates():
+            self.role_miss = "no node has finished yet"
+            return None
+        plan = {
+            "exploit": lambda: self.role_exploit(0),
+            "exploit_second": lambda: self.role_exploit(1),
+            "explore": self.role_explore,
+            "challenge": self.role_challenge,
+        }[role]()
+        return replace(plan, role=role) if plan is not None else None
+
+    def role_exploit(self, rank: int) -> Plan:
+        """The best (rank 0) or second-best candidate parent; the code gate's edit goes to
+        the best one, so roles alone never shut code changes out."""
+        candidates = self.history.candidates()
+        if rank == 0:
+            code = self.code_modification()
+            if code is not None and code.parent_id == candidates[0].id:
+                return code
+        rank = min(rank, len(candidates) - 1)
+        parent = candidates[rank]
+        rule = f"Node {parent.id} ({'highest' if rank == 0 else 'second-highest'} score)"
+        lead = "Exploit the " + ("best" if rank == 0 else "second-best") + " candidate parent"
+        plan = self._exploit_at(parent, rule, lead)
+        if plan is not None:
+            return plan
+        return self._seed_plan(11, Strategy.RETEST, parent, rule,
+                               f"{lead}: every one-key step from node {parent.id} is taken or "
+                               "in flight: re-test it with another seed.")
+
+    def role_explore(self) -> Plan | None:
+        """A less-visited candidate (not the best, which the exploit slot takes), on the key
+        least changed so far among those untried there."""
+        h = self.history
+        candidates = h.candidates()
+        pool = candidates[1:] or candidates
+        ordered = sorted(pool, key=lambda n: (h.visits(n.id), candidates.index(n)))
+        usage = h.key_usage()
+        for parent in ordered:
+            tried = h.keys_tried_at(parent.id)
+            keys = sorted(self._shuffled(h.keys), key=lambda k: (k in tried, usage.get(k, 0)))
+            step = self._one_step(parent.id, keys)
+            if step is None:
+                continue
+            rank = candidates.index(parent) + 1
+            return self._key_plan(
+                8, Strategy.EXPLORE, parent.id,
+                f"Node {parent.id} (explore: rank {rank} of {len(candidates)}, "
+                f"{h.visits(parent.id)} children)",
+                f"Node {parent.id} is among the least visited candidates below the best; "
+                f"{step[0]} is the least changed key untried there.", step)
+        self.role_miss = "every less-visited candidate's steps are taken or in flight"
+        return None
+
+    def role_challenge(self) -> Plan | None:
+        """A step against a principle of memory.md: its key the other way from the way it
+        says helps (or either way, for a key it says to hold), at the best candidate."""
+        h = self.history
+        parent = h.candidates()[0]
+        lines = Memory.parse(self.context.memory).body("established principles")
+        for line in (one_line(text, 200) for text in lines):
+            for key, favoured in principle_keys(line, h.keys):
+                step = self._one_step(parent.id, [key], [-favoured] if favoured else None)
+                if step is None:
+                    continue
+                value = format_number(step[1])
+                hypothesis = (f"The principle \"{line.lstrip('- ')}\" does not hold at node "
+                              f"{parent.id}: with {key} at {value}, R2 stays within "
+                              f"+-{ROBUST_R2_BAND} of the parent's or rises.")
+                return Plan(
+                    8, Strategy.EXPLORE, parent.id, f"Node {parent.id} (challenge a principle)",
+                    f"Test a principle of memory.md by stepping {key} against it at the best "
+                    "candidate.", hypothesis, dict([step]),
+                    note=f"It challenges a principle of memory.md ({line.lstrip('- ')}).")
+        self.role_miss = (f"no established principle of memory.md names a search-space key "
+                          f"with a step left at node {parent.id}" if lines else
+                          "memory.md has no established principle yet")
+        return None
 
     # row 3
     def block_start(self) -> Plan | None:
@@ -710,7 +904,7 @@ class Planner:
         for node in sorted(h.candidates(), key=lambda n: (-n.r2, n.id)):
             if node.status != "done" or node.r2 < GOOD_R2 or node.strategy == Strategy.RETEST:
                 continue
-            if any(set(c.config_changes) == {SEED_KEY} for c in h.children.get(node.id, [])):
+            if h.seed_rerun(node.id):
                 continue
             return self._seed_plan(
                 9, Strategy.RETEST, node, f"Node {node.id} (good, never re-run)",
@@ -751,21 +945,9 @@ class Planner:
         for rank, parent in enumerate(candidates):
             rule = (f"Node {parent.id} (highest score)" if rank == 0 else
                     f"Node {parent.id} (next by score: node {candidates[0].id} has no new step)")
-            helping = self._helping_key(parent)
-            if helping is not None:
-                key, direction, helper = helping
-                step = self._one_step(parent.id, [key], [direction])
-                if step is not None:
-                    way = "up" if direction > 0 else "down"
-                    return self._key_plan(
-                        11, Strategy.EXPLOIT, parent.id, rule,
-                        f"No earlier row matched: step {key} {way} again, the way it helped at "
-                        f"node {helper.id}.", step)
-            step = self._one_step(parent.id, self._shuffled(h.keys))
-            if step is not None:
-                return self._key_plan(11, Strategy.EXPLOIT, parent.id, rule,
-                                      "No earlier row matched and no key has helped along this "
-                                      "lineage yet: step a random key.", step)
+            plan = self._exploit_at(parent, rule, "No earlier row matched")
+            if plan is not None:
+                return plan
         parent = candidates[0] if candidates else None
         if parent is None:  # nothing finished and every root step taken: a fresh seed at root
             seed = h.value(None, SEED_KEY)
@@ -780,6 +962,25 @@ class Planner:
                                "Every one-key step from every candidate is taken: re-test the "
                                "best one with another seed.")
 
+    def _exploit_at(self, parent: NodeSummary, rule: str, lead: str) -> Plan | None:
+        """One step at `parent`: the key that last helped, the way it helped, else any key."""
+        helping = self._helping_key(parent)
+        if helping is not None:
+            key, direction, helper = helping
+            step = self._one_step(parent.id, [key], [direction])
+            if step is not None:
+                way = "up" if direction > 0 else "down"
+                return self._key_plan(
+                    11, Strategy.EXPLOIT, parent.id, rule,
+                    f"{lead}: step {key} {way} again, the way it helped at node {helper.id}.",
+                    step)
+        step = self._one_step(parent.id, self._shuffled(self.history.keys))
+        if step is None:
+            return None
+        return self._key_plan(11, Strategy.EXPLOIT, parent.id, rule,
+                              f"{lead} and no key has helped along this lineage yet: step a "
+                              "random key.", step)
+
     def _helping_key(self, parent: NodeSummary) -> tuple[str, int, NodeSummary] | None:
         """The key whose change last helped along `parent`'s lineage, and which way."""
         h = self.history
@@ -792,6 +993,19 @@ class Planner:
             if direction:
                 return key, direction, node
         return None
+
+
+def principle_keys(line: str, keys: Sequence[str]) -> list[tuple[str, int]]:
+    """The search-space keys a principle names, each with the way it says helps: +1 up,
+    -1 down, 0 when it does not say (e.g. "keep hidden_dim at 128")."""
+    text = line.lower()
+    named = [k for k in keys if k.lower() in text
+             or re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1].lower())}\b", text)]
+    words = set(re.findall(r"[a-z]+", text))
+    way = bool(words & set(UP_WORDS)) - bool(words & set(DOWN_WORDS))
+    outcome = bool(words & set(HELPED_WORDS)) - bool(words & set(HURT_WORDS))
+    favoured = way * outcome if len(named) == 1 else 0
+    return [(key, favoured) for key in named]
 
 
 # -- hypotheses ----------------------------------------------------------------------------
@@ -894,6 +1108,34 @@ def describe_latest(history: History) -> str:
     return text
 
 
+def flight_text(flight: InFlight) -> str:
+    """One other slot's proposal in a line: what it changes, from where, in which state."""
+    what = one_line(flight.mutation or flight.code_change or "the config as given", 120)
+    return (f"iteration {flight.iteration} (slot {flight.slot}, {flight.status}): {what} from "
+            f"{node_name(flight.parent_id)}")
+
+
+def slot_lines(planner: Planner, plan: Plan) -> list[str]:
+    """The reasoning's parallel part: slot and role, the other slots, what was stepped around."""
+    context = planner.context
+    role = context.role
+    line = f"Slot {context.slot} of {context.slots}"
+    if role is None:
+        line += ", no role: the protocol's own choice."
+    else:
+        line += f", role {role} ({ROLE_MEANINGS[role]})."
+        if plan.role is None and planner.role_miss:
+            line += f" Not followed: {planner.role_miss}; the strategy table decided."
+    lines = [line]
+    if context.in_flight:
+        lines.append("In flight in other slots: "
+                     + "; ".join(flight_text(f) for f in context.in_flight) + ".")
+        collisions = planner.history.collisions
+        lines.append("Stepped around as in flight already: " + "; ".join(collisions) + "."
+                     if collisions else "None of them collided with this plan.")
+    return lines
+
+
 def word(history: History, plan: Plan, rejected: Sequence[tuple[Plan, str]]) -> AgentReply:
     """The plan as a Proposal with the prose an LLM would write, plus the reasoning text."""
     context = history.context
@@ -920,8 +1162,9 @@ def word(history: History, plan: Plan, rejected: Sequence[tuple[Plan, str]]) -> 
         memory=memory,
     )
     attempt = context.repair.attempt if context.repair is not None else 0
+    matched = f"Role {plan.role}" if plan.role is not None else f"Row {plan.row}"
     lines = [
-        f"Row {plan.row} ({plan.strategy.value}) matched: {plan.why}",
+        f"{matched} ({plan.strategy.value}) matched: {plan.why}",
         f"Parent: {plan.parent_rule}.",
         f"Change: {mutation}.",
         f"Hypothesis: {plan.hypothesis}",
