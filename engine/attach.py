@@ -1,10 +1,11 @@
 """Seeing a run that another process drives: its journal and files as typed engine events.
 
 `AttachedRun.poll()` reads the journal rows written since the last poll and the new bytes of
-the active node's training log, and returns the SAME `engine.events` values the in-process
-engine publishes, so a viewer (the TUI) has one code path for both. Decisions go back as
-journal commands (`send`). `RunReader` is the read-only view of a run folder both kinds of
-viewer use for the tree, the code at any node and the agent's cost so far.
+the training log of every run in flight (one per slot), and returns the SAME `engine.events`
+values the in-process engine publishes, so a viewer (the TUI) has one code path for both.
+Decisions go back as journal commands (`send`). `RunReader` is the read-only view of a run
+folder both kinds of viewer use for the tree, the code at any node and the agent's cost so
+far.
 
 Nothing here takes the run lock or writes anything but commands: any number of viewers may
 attach to one run, and quitting them leaves it going."""
@@ -43,6 +44,38 @@ MAX_LINES_PER_POLL = 2000
 TAIL_START_BYTES = 256 * 1024
 # Bytes read from a log per poll; a faster writer is skipped ahead (the marker says so).
 MAX_READ_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run executes, as its `run_started` step journaled it: the slot, the place in
+    words ("local slot 2 on GPU 1", "dask worker tcp://10.1.2.3:40211") and the local
+    step's pid (0 for a run on a Dask worker)."""
+
+    slot: int
+    where: str
+    pid: int
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> RunPlace:
+        """From a `run_started` payload; an engine before slots journaled only the process
+        identity of the run (pid, pgid, ...): slot 1, on this machine."""
+        pid = int(payload.get("pid") or 0)
+        if "slot" not in payload:
+            return cls(1, "local slot 1", pid)
+        slot = int(payload["slot"])
+        return cls(slot, str(payload.get("where") or f"slot {slot}"), pid)
+
+
+def slot_names(config: ExperimentConfig) -> tuple[str, ...]:
+    """Where each slot of a run with `config` runs, slot 1 first, as far as a viewer can tell
+    (each run's own place, such as the Dask worker, comes with its `run_started` step)."""
+    exploration = config.exploration
+    dask = exploration.executor.dask
+    if exploration.executor.kind == "local":
+        return tuple(f"local slot {slot}" for slot in range(1, exploration.parallel + 1))
+    place = dask.scheduler or (f"{dask.cluster.system} cluster" if dask.cluster else "dask")
+    return tuple(f"dask slot {slot} ({place})" for slot in range(1, exploration.parallel + 1))
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -285,7 +318,7 @@ class AttachedRun:
         self.info = self.reader.info
         self.max_lines = max_lines_per_poll
         self._opened = False
-        self._tail: _LogTail | None = None
+        self._tails: dict[int, _LogTail] = {}  # iteration -> its run's log, while it runs
         self._best: float | None = None
         self._engine_gone_reported = False
         self._human: dict[int, dict[str, Any]] = {}  # iteration -> the human change it runs
@@ -314,10 +347,15 @@ class AttachedRun:
             self._opened = True
             missing = RunState(self.reader.journal).sandbox_missing
             events.append(ev.RunOpened(self.info.name, str(self.info.run_dir),
-                                       self.info.iterations, sandbox_missing=missing))
+                                       self.info.iterations, sandbox_missing=missing,
+                                       slots=slot_names(self.info.config)))
         rows = self.reader.new_rows()
         finished = {(r.iteration, r.attempt) for r in rows if r.step == Step.RUN_FINISHED}
-        last_start = max((r.seq for r in rows if r.step == Step.RUN_STARTED), default=None)
+        last_start: dict[int, int] = {}  # slot -> the latest run start of this batch there
+        for row in rows:
+            if row.step == Step.RUN_STARTED:
+                with contextlib.suppress(TypeError, ValueError):
+                    last_start[RunPlace.of(row.payload).slot] = row.seq
         for row in rows:
             self.reader.fold(row)
             try:
@@ -325,8 +363,8 @@ class AttachedRun:
             except (KeyError, TypeError, ValueError) as exc:  # a viewer keeps going
                 events.append(ev.EngineError(f"skipped a journal record this viewer cannot "
                                              f"read ({row.step} #{row.seq}: {exc})"))
-        if self._tail is not None:
-            events.extend(self._log_events(self._tail.read(self.max_lines)))
+        for tail in list(self._tails.values()):
+            events.extend(self._log_events(tail, tail.read(self.max_lines)))
         events.extend(self._manual_edit_events())
         events.extend(self._engine_state())
         return events
@@ -339,7 +377,8 @@ class AttachedRun:
                 publish(event)
             stop.wait(interval_s)
 
-    def _translate(self, row: Event, finished: set, last_start: int | None) -> list[ev.Event]:
+    def _translate(self, row: Event, finished: set, last_start: dict[int, int]
+                   ) -> list[ev.Event]:
         payload, iteration = row.payload, row.iteration
         if iteration is None:
             return self._run_event(row)
@@ -364,18 +403,20 @@ class AttachedRun:
                                            self._review_ids.get(key, ""))]
             case Step.RUN_STARTED:
                 node = self.reader.node(iteration)
+                place = RunPlace.of(payload)
                 started = ev.TrainingStarted(
                     iteration, iteration, node.parent_id if node else None,
-                    node.mutation if node else "", int(payload.get("pid", 0)))
-                # History already finished is not tailed, except the latest run's log.
-                if key not in finished or row.seq == last_start:
-                    self._tail = _LogTail(self.reader.paths.training_log(iteration), iteration)
+                    node.mutation if node else "", place.pid, place.slot, place.where)
+                # History already finished is not tailed, except each slot's latest run's log.
+                if key not in finished or row.seq == last_start.get(place.slot):
+                    self._tails[iteration] = _LogTail(
+                        self.reader.paths.training_log(iteration), iteration)
                 return [started]
             case Step.RUN_FINISHED:
                 events: list[ev.Event] = []
-                if self._tail is not None and self._tail.iteration == iteration:
-                    events.extend(self._log_events(self._tail.read(self.max_lines, final=True)))
-                    self._tail = None
+                tail = self._tails.pop(iteration, None)
+                if tail is not None:
+                    events.extend(self._log_events(tail, tail.read(self.max_lines, final=True)))
                 result = RunResult.from_dict(payload["result"])
                 status = status_after_run(result.status)
                 r2 = result.metrics.get("final_r2")
@@ -453,10 +494,10 @@ class AttachedRun:
                                        best_r2)]
         return []
 
-    def _log_events(self, lines: list[str]) -> list[ev.Event]:
-        if not lines or self._tail is None:
+    def _log_events(self, tail: _LogTail, lines: list[str]) -> list[ev.Event]:
+        if not lines:
             return []
-        iteration = self._tail.iteration
+        iteration = tail.iteration
         progress = latest_progress(iteration, lines)
         return [ev.LogLines(iteration, tuple(lines)), *([progress] if progress else [])]
 

@@ -67,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "--proposal", help="the proposal id `proctor status` shows (refused when another "
             "one waits)")
     on_run["revert"].add_argument("node", type=_positive_int, help="the node to revert")
+    jobscript = commands.add_parser(
+        "jobscript", help="print the batch job script a Dask cluster config submits",
+        description="Print the batch script (Slurm, LSF or PBS) that each Dask worker job of "
+        "CONFIG's exploration.executor.dask.cluster would run, to check it before a run "
+        "submits it. Nothing is submitted; no queue is needed.")
+    jobscript.add_argument("config", type=Path, help="experiment config (YAML)")
     commands.add_parser(
         "doctor", help="check the sandbox that every run gets on this machine",
         description="Run one real sandboxed child, as runs are made for this user, and print "
@@ -87,9 +93,11 @@ RUN_COMMANDS: dict[str, tuple[str, str | None]] = {
         "Continue a stopped or crashed run in this terminal. When an engine still drives the "
         "run, ask it to resume from a pause (one the journal shows, or one only the engine "
         "knows of, such as a full disk)."),
-    "status": ("print what a run is doing (engine, pause, waiting review) and its nodes", None),
-    "approve": ("approve the proposal a run is waiting on", None),
-    "reject": ("reject the proposal a run is waiting on", None),
+    "status": ("print what a run is doing (engine, pause, waiting reviews, what runs in which "
+               "slot and where) and its nodes", None),
+    "approve": ("approve the proposal a run is waiting on (--proposal when several wait)",
+                None),
+    "reject": ("reject the proposal a run is waiting on (--proposal when several wait)", None),
     "stop": ("stop a run cleanly (it can be resumed)", None),
     "revert": (
         "add a node that undoes NODE's change",
@@ -152,6 +160,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _doctor()
     from tui import commands
 
+    if args.command == "jobscript":
+        return commands.jobscript(args.config)
     if args.command == "train":
         return commands.train(args.config, runner=args.runner, device=args.device,
                               quiet=args.quiet)

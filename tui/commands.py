@@ -374,7 +374,8 @@ def open_run(folder: Path):
 
 
 def status(run: str, *, as_json: bool) -> int:
-    """What the run is doing (its engine, a pause, a waiting review) and its node table."""
+    """What the run is doing (its engine, a pause, every waiting review with its commands,
+    what is in flight in which slot and where) and its node table."""
     from tui.activity import read_activity
 
     with open_run(find_run(run)) as attached:
@@ -390,11 +391,15 @@ def status(run: str, *, as_json: bool) -> int:
     say(f"run {activity.name}: {len(rows)} nodes; {activity.progress()}")
     if activity.paused is not None:
         say(f"  PAUSED: {activity.paused}  (continue it: proctor resume {activity.name})")
-    if activity.review is not None:
-        approve, reject = activity.decide_commands()
-        say(f"  waiting for review: {activity.review.summary()}")
+    for review in activity.reviews:
+        approve, reject = activity.decide_commands(review)
+        say(f"  waiting for review: {review.summary()}")
         say(f"    {approve}")
         say(f"    {reject}")
+    if activity.in_flight:
+        say("  in flight:")
+        for flight in activity.in_flight:
+            say(f"    {flight.describe()}")
     say(f"{'node':>5} {'parent':>6} {'R2':>8} {'score':>7} {'visits':>6}  status    mutation")
     for row in sorted(rows, key=lambda r: r.node_id):
         parent = "root" if row.parent_id is None else str(row.parent_id)
@@ -406,6 +411,28 @@ def status(run: str, *, as_json: bool) -> int:
             f"{row.status:<9} {code}{row.mutation}")
     if best is not None:
         say(f"best: node {best.id}, R2 {best.r2:.4f}")
+    return 0
+
+
+def jobscript(config_path: Path) -> int:
+    """Print the batch job script each Dask worker job of CONFIG's cluster would run
+    (`exploration.executor.dask.cluster`); nothing is submitted."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise UsageError(f"bad config:\n{exc}") from None
+    cluster = config.exploration.executor.dask.cluster
+    if cluster is None:
+        raise UsageError(f"{config_path} has no exploration.executor.dask.cluster (slurm, lsf "
+                         "or pbs): there is no job script to print")
+    from engine.executors import ExecutorError
+    from engine.executors.jobqueue import render_job_script
+
+    try:
+        script = render_job_script(config)
+    except ExecutorError as exc:
+        raise UsageError(str(exc)) from None
+    print(script.rstrip("\n"))
     return 0
 
 

@@ -1,8 +1,9 @@
-"""`proctor approve` and `proctor reject`: decide the one proposal a run waits on now.
+"""`proctor approve` and `proctor reject`: decide a proposal a run waits on now.
 
 A decision names the proposal's id, so the engine applies it to that proposal only: a
-decision is never held for a later one. With nothing waiting, or with `--proposal` naming
-another one than what waits, nothing is sent (exit 2)."""
+decision is never held for a later one. With nothing waiting, with `--proposal` naming one
+that does not wait, or without `--proposal` while several wait (one per slot), nothing is
+sent (exit 2), and the message gives the command for each proposal that waits."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from engine import events
 from engine.journal import Step
-from engine.review import Review, waiting_review
-from tui.activity import EngineState, RunActivity, read_activity
+from engine.review import Review, waiting_reviews
+from tui.activity import EngineState, RunActivity, decide_command, read_activity
 from tui.commands import open_run, say
 from tui.usage import UsageError
 
@@ -27,7 +28,7 @@ def decide(folder: Path, *, approve: bool, reason: str = "", proposal: str | Non
         reader = attached.reader
         reader.refresh()
         activity = read_activity(reader)
-        review = _the_waiting_one(activity, proposal)
+        review = _the_waiting_one(activity, proposal, approve, reason)
         verb = "approving" if approve else "rejecting"
         say(f"run {activity.name}: {verb} {review.summary()}" + (
             f"\n  reason: {reason}" if reason else ""))
@@ -43,14 +44,29 @@ def decide(folder: Path, *, approve: bool, reason: str = "", proposal: str | Non
         return _await_outcome(attached, review, command_id, approve)
 
 
-def _the_waiting_one(activity: RunActivity, proposal: str | None) -> Review:
-    review = activity.review
-    if review is None:
-        raise UsageError(f"run {activity.name}: nothing waits for review ({activity.doing()})")
-    if proposal is not None and proposal != review.proposal_id:
-        raise UsageError(f"run {activity.name}: proposal {proposal} does not wait for review; "
-                         f"what waits now is {review.summary()}")
-    return review
+def _the_waiting_one(activity: RunActivity, proposal: str | None, approve: bool,
+                     reason: str) -> Review:
+    """The review `proposal` names, or the one that waits; UsageError (nothing sent) when
+    none waits, `proposal` does not, or several wait and `proposal` names none of them."""
+    reviews = activity.reviews
+    name = activity.name
+    if not reviews:
+        raise UsageError(f"run {name}: nothing waits for review ({activity.doing()})")
+    if proposal is None and len(reviews) == 1:
+        return reviews[0]
+    chosen = next((review for review in reviews if review.proposal_id == proposal), None)
+    if chosen is not None:
+        return chosen
+    if proposal is not None and len(reviews) == 1:
+        raise UsageError(f"run {name}: proposal {proposal} does not wait for review; "
+                         f"what waits now is {reviews[0].summary()}")
+    why = (f"proposal {proposal} does not wait for review" if proposal is not None
+           else "--proposal names the one to decide")
+    lines = [f"run {name}: {len(reviews)} proposals wait for review, one per slot; {why}:"]
+    for review in reviews:
+        lines.append(f"  {review.summary()}")
+        lines.append(f"    {decide_command(name, review, approve=approve, reason=reason)}")
+    raise UsageError("\n".join(lines))
 
 
 def _await_outcome(attached, review: Review, command_id: int, approve: bool) -> int:
@@ -60,11 +76,11 @@ def _await_outcome(attached, review: Review, command_id: int, approve: bool) -> 
     deadline = time.monotonic() + DECISION_WAIT_S
     while True:
         taken = journal.command_consumed(command_id)
-        now = waiting_review(journal)
+        waiting = {now.proposal_id for now in waiting_reviews(journal)}
         recorded = journal.payload(review.iteration, Step.DECISION, review.attempt)
         if recorded is not None:
             return _report(name, recorded, approve)
-        if taken and (now is None or now.proposal_id != review.proposal_id):
+        if taken and review.proposal_id not in waiting:
             say(f"run {name}: the engine took the decision but recorded none for proposal "
                 f"{review.proposal_id} (it no longer waits); see `proctor status {name}`")
             return 1
