@@ -565,7 +565,7 @@ class Engine:
                 continue
             proposal = attempt.proposal
             code = proposal.code_change.change if proposal.code_change is not None else \
-                ("code edits" if proposal.edits else None)
+                ((proposal.mutation or "code edits") if proposal.edits else None)
             others.append(InFlight(flight.iteration, flight.slot, proposal.parent_id,
                                    proposal.mutation, dict(proposal.config_changes), code,
                                    flight.phase, flight.role))
@@ -657,7 +657,7 @@ class Engine:
             self.logs.write_change(iteration, attempt.prepared.diff,
                                    attempt.prepared.config_diff)
         if attempt.proposal.memory:
-            self.records.memory_rewritten(attempt.proposal.memory)
+            self.records.memory_rewritten(attempt.proposal.memory, iteration)
         self.tree.put(node)
         self.view.forget(node.id)
         self.journal.append(iteration, Step.APPLIED, {"node": node.to_dict()}, attempt=number)

@@ -9,7 +9,7 @@ do-not-retry note, a finished node's outcome) and leaves every other line as it 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 MEMORY_MAX_LINES = 500  # the protocol's cap; longer memory is kept, with a warning
@@ -43,6 +43,7 @@ PENDING = "pending"  # the outcome an iteration line shows until its node finish
 _HEADING = re.compile(r"^(#{1,3})\s+(.*?)\s*$")
 _PARENTHESES = re.compile(r"\(.*?\)")
 _PENDING_LINE = re.compile(r"^- Node (\d+) \(.*-> " + PENDING + r"$")
+_NODE_LINE = re.compile(r"^- Node (\d+) \(")
 
 
 def title_key(title: str) -> str:
@@ -237,6 +238,19 @@ class Memory:
         return Memory([], sections)
 
     # -- iteration lines -------------------------------------------------------------------
+
+    def keep_iterations(self, earlier: Memory, node_ids: Collection[int]) -> bool:
+        """Put back the Iterations lines of `node_ids` that `earlier` holds and this memory
+        lacks: with slots, a proposal drafted before another slot's node was applied does
+        not know that node's line. True when a line was put back."""
+        have = {int(match.group(1)) for line in self.body(ITERATIONS)
+                if (match := _NODE_LINE.match(line))}
+        missing = [line.rstrip() for line in earlier.body(ITERATIONS)
+                   if (match := _NODE_LINE.match(line)) and int(match.group(1)) in node_ids
+                   and int(match.group(1)) not in have]
+        for line in missing:
+            self.append(ITERATIONS, line)
+        return bool(missing)
 
     def settle_iterations(self, outcomes: Mapping[int, str]) -> bool:
         """Each `- Node N (...) -> pending` line of the Iterations section whose node has an

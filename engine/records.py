@@ -6,6 +6,7 @@ from __future__ import annotations
 from engine.config import ExperimentConfig
 from engine.journal import Journal, Step
 from engine.logs import RunLogs
+from engine.memory import Memory
 from engine.proposal import Proposal
 from engine.runner import RunResult
 from engine.state import RunState
@@ -60,9 +61,17 @@ class RunRecords:
         if iteration % self.exploration.block_size == 0:
             self.logs.snapshot_memory(block_of(iteration, self.exploration.block_size))
 
-    def memory_rewritten(self, text: str) -> None:
-        """The agent's new memory.md, with proctor's do-not-retry notes put back and every
-        finished node's outcome filled in."""
+    def memory_rewritten(self, text: str, iteration: int) -> None:
+        """The agent's new memory.md (proposed for `iteration`), with proctor's do-not-retry
+        notes put back, the lines of its block's other nodes that it was drafted without
+        (another slot applied them meanwhile) kept, and every finished node's outcome filled
+        in."""
+        block = block_of(iteration, self.exploration.block_size)
+        others = {node.id for node in self.tree if node.id != iteration
+                  and block_of(node.id, self.exploration.block_size) == block}
+        memory = Memory.parse(text)
+        if memory.keep_iterations(Memory.parse(self.logs.read_memory()), others):
+            text = memory.text()
         self.logs.rewrite_memory(text)
         for note in self.state.do_not_retry:
             self.logs.add_do_not_retry(note)

@@ -36,8 +36,14 @@ from engine.agents.anthropic import (
     NO_TOOL_CALL,
     AnthropicAgent,
 )
-from engine.agents.base import AgentContext, AgentGaveUp, AgentPaused, InFlight, NodeSummary
-from engine.agents.claude_prompt import ROLE_MEANINGS
+from engine.agents.base import (
+    ROLE_MEANINGS,
+    AgentContext,
+    AgentGaveUp,
+    AgentPaused,
+    InFlight,
+    NodeSummary,
+)
 from engine.apikey import ApiKeyError, load_api_key
 from engine.config import ConfigError, Prices, load_config
 from engine.journal import Journal

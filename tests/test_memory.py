@@ -179,6 +179,22 @@ def test_iteration_lines_settle_to_their_outcome():
     assert not Memory.parse("- Node 1 (root): x -> pending\n").settle_iterations({1: "good"})
 
 
+def test_a_slots_memory_keeps_the_lines_of_nodes_it_was_drafted_without():
+    current = Memory.parse(MEMORY_TEMPLATE)
+    current.set_body("iterations", [iteration_line(1, None, "none", "baseline"),
+                                    iteration_line(2, 1, "lr up", "exploit")])
+    drafted = Memory.parse(MEMORY_TEMPLATE)  # slot 1's proposal, drafted before node 2 was
+    drafted.set_body("iterations", [iteration_line(1, None, "none", "baseline"),
+                                    iteration_line(3, 1, "omega down", "explore")])
+    assert drafted.keep_iterations(current, {1, 2})
+    assert drafted.body("iterations") == [iteration_line(1, None, "none", "baseline"),
+                                          iteration_line(3, 1, "omega down", "explore"),
+                                          iteration_line(2, 1, "lr up", "exploit")]
+    assert not drafted.keep_iterations(current, {1, 2})  # nothing missing any more
+    other_block = Memory.parse(MEMORY_TEMPLATE)
+    assert not other_block.keep_iterations(current, set())  # lines dropped on purpose stay out
+
+
 def test_the_line_cap_warns_and_keeps():
     assert memory_warning(MEMORY_TEMPLATE) is None
     long_text = "\n".join(f"- line {i}" for i in range(MEMORY_MAX_LINES + 1))

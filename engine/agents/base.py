@@ -42,6 +42,17 @@ class Repair:
     error: str
 
 
+# What each slot role (exploration.slot_roles) asks of a proposal, as agents are told it.
+ROLE_MEANINGS = {
+    "exploit": "one step from the best-scoring candidate parent",
+    "exploit_second": "one step from the second-best candidate parent",
+    "explore": "a less-visited region: a lower-ranked or little-visited parent, a key "
+               "changed little so far",
+    "challenge": "test a principle of memory.md: change a key it says to hold, or step "
+                 "against the direction it says helps",
+}
+
+
 @dataclass(frozen=True)
 class InFlight:
     """A proposal of another slot that is not finished yet (waiting for review, applied or

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.agents.base import AgentContext, InFlight, NodeSummary
+from engine.agents.base import ROLE_MEANINGS, AgentContext, InFlight, NodeSummary
 from engine.apikey import redact
 from engine.config import ExperimentConfig
 from engine.logs import format_number, log_tail, one_line, strip_control
@@ -35,15 +35,6 @@ METRIC_KEYS = ("final_r2", "final_mse", "slope", "training_time_s", "total_param
 UNUSABLE_PARENT = ("pending", "running", "failed")  # statuses the engine refuses as parents
 IN_FLIGHT_TEXT_CHARS = 200  # one in-flight mutation or code change, at most
 # What each slot role (exploration.slot_roles) asks of a slot, in one line.
-ROLE_MEANINGS = {
-    "exploit": "one step from the best-scoring candidate parent",
-    "exploit_second": "one step from the second-best candidate parent",
-    "explore": "a less-visited region: a lower-ranked or little-visited parent, a key "
-               "changed little so far",
-    "challenge": "test a principle of memory.md: change a key it says to hold, or step "
-                 "against the direction it says helps",
-}
-
 TOOL_RULES = """
 # How to answer (proctor's tool rules)
 You talk to proctor only through two tools:

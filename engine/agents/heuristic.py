@@ -21,8 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.agents.base import AgentContext, AgentReply, InFlight, NodeSummary
-from engine.agents.claude_prompt import ROLE_MEANINGS
+from engine.agents.base import ROLE_MEANINGS, AgentContext, AgentReply, InFlight, NodeSummary
 from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
 from engine.config import ExperimentConfig, ParamRange
 from engine.logs import format_number, one_line, quality_word
