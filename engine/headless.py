@@ -1,6 +1,9 @@
 """The headless consumer of engine events: a live status line on a terminal, plain lines
 otherwise (a log file, a pipe, CI). A reader that goes away (`proctor run | head`) ends the
-printing, never the run."""
+printing, never the run.
+
+With several slots the iterations' lines interleave, so each names its iteration, and its
+slot once its run started there: `[slot 2] iteration 7: training node 7 on local slot 2`."""
 
 from __future__ import annotations
 
@@ -57,13 +60,23 @@ class HeadlessPrinter:
         self.best: float | None = None
         self.step = 0
         self.steps = 0
+        self.slots = 1
+        self._slot_of: dict[int, int] = {}  # iteration -> the slot its run started in
+        self._progress: dict[int, tuple[int, int]] = {}  # iteration -> (step, total), k > 1
         self._status_shown = False
         self._closed = False  # the reader went away: print nothing more
 
     def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.TrainingStarted):
+            self._slot_of[event.iteration] = event.slot
         text = self._describe(event)
         if text is not None:
+            if self.slots > 1:
+                text = self._tagged(event, text)
             self._line(strip_control(text))  # runs, agents and humans wrote parts of it
+        if isinstance(event, ev.NodeFinished | ev.IterationSkipped):
+            self._slot_of.pop(event.iteration, None)
+            self._progress.pop(event.iteration, None)
         if self.live and isinstance(event, ev.TrainingProgress | ev.IterationStarted
                                     | ev.NodeFinished | ev.LogLines):
             self._status()
@@ -71,36 +84,45 @@ class HeadlessPrinter:
     def _describe(self, event: ev.Event) -> str | None:
         match event:
             case ev.RunOpened(run=run, run_dir=run_dir, total_iterations=total,
-                              resumed_at=resumed, sandbox_missing=missing):
-                self.run, self.total = run, total
+                              resumed_at=resumed, sandbox_missing=missing, slots=slots):
+                self.run, self.total, self.slots = run, total, max(1, len(slots))
                 again = f", resuming iteration {resumed}" if resumed else ""
                 header = f"run {run}: {total} iterations, files in {run_dir}{again}"
-                return "\n".join([header, *(f"  WARNING: sandbox layer missing: {layer}"
-                                             for layer in missing)])
+                places = [f"  {len(slots)} slots: {', '.join(slots)}"] if len(slots) > 1 else []
+                return "\n".join([header, *places, *(f"  WARNING: sandbox layer missing: {layer}"
+                                                      for layer in missing)])
             case ev.IterationStarted(iteration=iteration, block=block, total_iterations=total):
                 self.iteration, self.total, self.step, self.steps = iteration, total, 0, 0
                 return f"iteration {iteration}/{total} (block {block})"
             case ev.ProposalReady(iteration=iteration, proposal=proposal, diff=diff,
-                                  config_diff=config_diff, awaiting_review=waiting):
+                                  config_diff=config_diff, awaiting_review=waiting,
+                                  proposal_id=proposal_id):
                 parent = "root" if proposal.parent_id is None else proposal.parent_id
                 lines = [f"  proposal: parent={parent} strategy={proposal.strategy} "
                          f"mutation={proposal.mutation or config_diff or 'none'}"]
                 if waiting:
+                    # several may wait at once: then each command names its proposal
+                    pick = f" --proposal {proposal_id}" if self.slots > 1 and proposal_id else ""
                     lines.append(diff.rstrip() if diff else config_diff)
-                    lines.append(f"  waiting for review: proctor approve {self.run}  |  "
-                                 f"proctor reject {self.run} --reason TEXT")
+                    lines.append(f"  waiting for review: proctor approve {self.run}{pick}  |  "
+                                 f"proctor reject {self.run}{pick} --reason TEXT")
                 return "\n".join(lines)
             case ev.ProposalDecided(approved=approved, reason=reason, by=by) if by != "policy":
                 return f"  {'approved' if approved else 'rejected'} by {by}" + (
                     f": {reason}" if reason else "")
             case ev.ProposalInvalid(error=error, attempt=attempt):
                 return f"  invalid proposal (try {attempt}): {error}"
-            case ev.TrainingStarted(node_id=node_id, pid=pid):
-                return f"  training node {node_id} (pid {pid})"
+            case ev.TrainingStarted(node_id=node_id, pid=pid, where=where):
+                if self.slots == 1 and pid:
+                    return f"  training node {node_id} (pid {pid})"
+                place = f" on {where}" if where else ""
+                return f"  training node {node_id}{place}" + (f" (pid {pid})" if pid else "")
             case ev.LogLines(lines=lines) if self.echo_log:
                 return "\n".join(f"    | {line}" for line in lines)
-            case ev.TrainingProgress(step=step, total=total):
+            case ev.TrainingProgress(iteration=iteration, step=step, total=total):
                 self.step, self.steps = step, total
+                if iteration in self._slot_of:
+                    self._progress[iteration] = (step, total)
                 return None
             case ev.NodeFinished(node_id=node_id, status=status, metrics=metrics, error=error,
                                  best_r2=best):
@@ -140,6 +162,25 @@ class HeadlessPrinter:
                 return f"finished: {reason}; {where}"
         return None
 
+    def _tagged(self, event: ev.Event, text: str) -> str:
+        """`text` about one iteration with that iteration named on its first line, and every
+        line led by the slot of its run once known (`[slot 2] iteration 7: ...`)."""
+        iteration = getattr(event, "iteration", None)
+        if isinstance(event, ev.CodeCommitted | ev.NodeReverted):
+            iteration = event.node_id  # a node's id is its iteration's number
+        if not isinstance(iteration, int):
+            return text
+        slot = self._slot_of.get(iteration)
+        tag = f"[slot {slot}] " if slot is not None else ""
+        lines = text.splitlines()
+        if isinstance(event, ev.LogLines):
+            return "\n".join(f"{tag or f'[iteration {iteration}] '}{line.lstrip()}"
+                             for line in lines)
+        first = lines[0].strip()
+        if not first.startswith(f"iteration {iteration}"):
+            first = f"iteration {iteration}: {first}"
+        return "\n".join([tag + first, *(tag + line for line in lines[1:])])
+
     def _line(self, text: str) -> None:
         prefix = "\r\x1b[2K" if self._status_shown else ""
         self._status_shown = False
@@ -148,7 +189,11 @@ class HeadlessPrinter:
     def _status(self) -> None:
         elapsed = time.monotonic() - self.started
         bar = ""
-        if self.steps:
+        if self.slots > 1:
+            bar = f"  training {len(self._slot_of)}/{self.slots} slots:" + "".join(
+                f" [slot {slot}] it {iteration} {self._fraction(iteration)}"
+                for iteration, slot in sorted(self._slot_of.items(), key=lambda item: item[1]))
+        elif self.steps:
             done = int(20 * self.step / self.steps)
             bar = f" [{'#' * done}{'.' * (20 - done)}] {self.step}/{self.steps}"
         self._write(
@@ -156,6 +201,10 @@ class HeadlessPrinter:
             f"  elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s"
         )
         self._status_shown = not self._closed
+
+    def _fraction(self, iteration: int) -> str:
+        step, total = self._progress.get(iteration, (0, 0))
+        return f"{step}/{total}" if total else "starting"
 
     def _write(self, text: str) -> None:
         """Write and flush; a closed reader (EPIPE) ends the printing, and a line that cannot

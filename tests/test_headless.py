@@ -75,3 +75,41 @@ def test_a_reader_that_goes_away_ends_the_printing_not_the_engine():
         printer(ev.NodeFinished(iteration, iteration, "done", {"final_r2": 0.5}, None, 0.5))
     stream.write("still writable: the descriptor now points at /dev/null\n")
     stream.close()
+
+
+def test_with_several_slots_each_line_names_its_iteration_and_its_slot():
+    config = Proposal(parent_id=None, strategy=Strategy.EXPLOIT, mutation="lr 1e-3")
+    code = Proposal(parent_id=1, strategy=Strategy.CODE_CHANGE, mutation="[code] clip")
+    stream = io.StringIO()
+    printer = HeadlessPrinter(stream, live=False, echo_log=True)
+    for event in (
+        ev.RunOpened("r7", "/tmp/r7", 10, slots=("local slot 1", "local slot 2 on GPU 1")),
+        ev.IterationStarted(7, 1, 10),
+        ev.IterationStarted(8, 1, 10),
+        ev.ProposalReady(7, config, "", "training.lr: 1e-2 -> 1e-3", False, "7.0-aa"),
+        ev.TrainingStarted(7, 7, None, "lr 1e-3", 4242, 1, "local slot 1"),
+        ev.ProposalReady(8, code, "+b\n", "", True, "8.0-bb"),
+        ev.LogLines(7, ("step 1/3 loss 1.0",)),
+        ev.NodeFinished(7, 7, "done", {"final_r2": 0.5}, None, 0.5),
+    ):
+        printer(event)
+    assert stream.getvalue().splitlines() == [
+        "run r7: 10 iterations, files in /tmp/r7",
+        "  2 slots: local slot 1, local slot 2 on GPU 1",
+        "iteration 7/10 (block 1)",
+        "iteration 8/10 (block 1)",
+        "iteration 7: proposal: parent=root strategy=exploit mutation=lr 1e-3",
+        "[slot 1] iteration 7: training node 7 on local slot 1 (pid 4242)",
+        "iteration 8: proposal: parent=1 strategy=code-modification mutation=[code] clip",
+        "+b",
+        "  waiting for review: proctor approve r7 --proposal 8.0-bb  |  "
+        "proctor reject r7 --proposal 8.0-bb --reason TEXT",
+        "[slot 1] | step 1/3 loss 1.0",
+        "[slot 1] iteration 7: node 7: done, R2=0.5000; best R2 so far 0.5000",
+    ]
+
+
+def test_a_run_on_a_dask_worker_says_where_instead_of_a_pid():
+    text = printed(ev.RunOpened("r7", "/tmp/r7", 10, slots=("dask slot 1 (tcp://h:8786)",)),
+                   ev.TrainingStarted(3, 3, 1, "lr", 0, 1, "dask worker tcp://10.1.2.3:40211"))
+    assert text.splitlines()[-1] == "  training node 3 on dask worker tcp://10.1.2.3:40211"
