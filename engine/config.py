@@ -161,9 +161,11 @@ class JobQueueCluster(_Strict):
     system: Literal["slurm", "lsf", "pbs"]
     queue: str | None = None
     account: str | None = None  # Slurm --account, LSF -P, PBS -A
+    # what each job asks of the queue; its worker runs one node at a time on all of it
     cores: Annotated[Count, Field(le=4096)] = 2
     memory: str = "8GB"
     gpus: Annotated[CountFromZero, Field(le=64)] = 0
+    # Slurm's forms (04:00:00, 90 minutes as 90, 1-00:00:00), written in each system's own
     walltime: str = "04:00:00"
     job_extra_directives: list[str] = []
     job_script_prologue: list[str] = []  # shell lines before the worker starts (module load ...)

@@ -45,12 +45,15 @@ def walltime_seconds(text: str) -> int:
 
 
 def walltime_for(system: str, text: str) -> str:
-    """The walltime as `system` writes it: Slurm and PBS H:MM:SS, LSF H:MM (minutes rounded up)."""
+    """The walltime as `system` writes it: Slurm [D-]HH:MM:SS, PBS HH:MM:SS, LSF H:MM
+    (minutes rounded up)."""
     seconds = walltime_seconds(text)
     if system == "lsf":
         minutes = math.ceil(seconds / 60)
         return f"{minutes // 60}:{minutes % 60:02d}"
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    days, hours = divmod(seconds // 3600, 24) if system == "slurm" else (0, seconds // 3600)
+    clock = f"{hours:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{days}-{clock}" if days else clock
 
 
 def cluster_kwargs(settings: JobQueueCluster, *, python: str | None = None) -> dict[str, Any]:
