@@ -134,6 +134,7 @@ class RunReader:
                               exploration.editable_files)
         self.cost_usd = 0.0
         self.iteration_times: dict[int, tuple[float, float | None]] = {}
+        self.unfinished_slots: dict[int, int] = {}  # iteration -> the slot it started in
         self.stopped: str | None = None
         self._seq = 0
         self.lock = threading.RLock()  # hold it to read `tree` from another thread
@@ -183,6 +184,7 @@ class RunReader:
         if row.step == Step.STARTED:
             self.stopped = None
             self.iteration_times.setdefault(iteration, (row.created_at, None))
+            self.unfinished_slots[iteration] = int(payload.get("slot", 1))
         elif row.step == Step.PROPOSAL_STORED:
             cost = payload.get("cost_usd")
             if isinstance(cost, int | float) and math.isfinite(cost):
@@ -196,6 +198,7 @@ class RunReader:
             self.tree.update(iteration, status=status_after_run(result.status),
                              metrics=dict(result.metrics))
         if row.step == Step.RECORDED:
+            self.unfinished_slots.pop(iteration, None)
             started = self.iteration_times.get(iteration, (row.created_at, None))[0]
             self.iteration_times[iteration] = (started, row.created_at)
 

@@ -309,6 +309,8 @@ class Engine:
         reason: str | None = None
         try:
             while True:
+                for command in self.inbox.take_all():  # e.g. an adopt that asks for a node
+                    self._dispatch(command)
                 reason = self._stop_reason or self.failure
                 if reason is None and self._paused_reason() is None and len(tasks) < self.slots:
                     iteration = self._next_iteration(tasks)

@@ -239,10 +239,11 @@ class ProctorApp(App[None]):
                  if review.key > self._notified_review]
         if fresh:
             self._notified_review = max(review.key for review in fresh)
-            which = ", ".join(str(review.iteration) for review in fresh)
-            what = ("a proposal waits" if len(fresh) == 1 else "proposals wait")
-            self.tell(Notice(f"iteration {which}: {what} for your review (press 2)",
-                             "warning", title="review", bell=True))
+            numbers = [str(review.iteration) for review in fresh]
+            what = (f"iteration {numbers[0]}: a proposal waits" if len(fresh) == 1 else
+                    f"iterations {', '.join(numbers[:-1])} and {numbers[-1]}: proposals wait")
+            self.tell(Notice(f"{what} for your review (press 2)", "warning", title="review",
+                             bell=True))
         if self._tree_dirty:
             self.request_snapshot()
         self.update_bindings()

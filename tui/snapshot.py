@@ -28,6 +28,7 @@ class RunSnapshot:
     completed: int = 0
     recent_durations: tuple[float, ...] = ()
     r2_series: tuple[float, ...] = ()  # final R2 of each finished node, by id (NaN: 0)
+    unfinished_slots: dict[int, int] = field(default_factory=dict)  # iteration -> its slot
 
     def eta_s(self, total_iterations: int) -> float | None:
         """Seconds left at the recent pace; None before an iteration finished."""
@@ -58,6 +59,7 @@ def take_snapshot(reader: RunReader) -> RunSnapshot:
         best = tree.best_node()
         times = sorted(reader.iteration_times.items())
         cost = reader.cost_usd
+        unfinished_slots = dict(reader.unfinished_slots)
     done = [(start, end) for _, (start, end) in times if end is not None]
     durations = tuple(end - start for start, end in done[-RECENT_ITERATIONS:])
     series = tuple(
@@ -69,4 +71,5 @@ def take_snapshot(reader: RunReader) -> RunSnapshot:
         best_id=best.id if best else None,
         best_r2=best.metrics.get("final_r2") if best else None,
         cost_usd=cost, completed=len(done), recent_durations=durations, r2_series=series,
+        unfinished_slots=unfinished_slots,
     )

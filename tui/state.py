@@ -168,6 +168,24 @@ class RunState:
             return waiting
         return max(self.reviews.values(), key=lambda review: review.serial)
 
+    def held_before_training(self, slot: int, unfinished_slots: dict[int, int]) -> int | None:
+        """The iteration `slot` holds while no run goes there (the agent proposing, a review
+        waiting), by the slots the journal says unfinished iterations started in."""
+        run = self.slot_runs.get(slot)
+        if run is not None and run.running:
+            return None
+        held = [iteration for iteration, where in unfinished_slots.items()
+                if where == slot and iteration in self.in_flight
+                and (run is None or iteration != run.iteration)]
+        return max(held, default=None)
+
+    def before_training(self, iteration: int) -> str:
+        """What an iteration whose run has not started does: proposing, waiting, applying."""
+        review = self.reviews.get(iteration)
+        if review is None:
+            return str(Phase.PROPOSING)
+        return str(Phase.REVIEWING if review.awaiting else Phase.APPLYING)
+
     def slot_of(self, iteration: int) -> int | None:
         """The slot whose latest run is `iteration`'s (None before its training started)."""
         for slot, run in self.slot_runs.items():

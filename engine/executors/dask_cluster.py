@@ -480,10 +480,10 @@ class DaskExecutor(Executor):
         attempt = run.attempt = self._attempts[key] = _Attempt(key, job, on_output)
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         job.log_path.write_bytes(b"")  # the log of this attempt only
+        # Placed once it starts on a worker; until then a killed engine's client takes its
+        # queued task with it (the scheduler forgets what no client wants).
         future = self.client.submit(run_node, task, key=key, pure=False, retries=0)
         try:
-            if on_placed is not None:  # the key first: a crash now leaves a record to reclaim
-                on_placed(self._placement(slot, key, None))
             return await self._follow(slot, run, attempt, future, on_placed)
         finally:
             del self._attempts[key]
@@ -587,10 +587,9 @@ class DaskExecutor(Executor):
             return set()
         return {address for address, running in answers.items() if running is True}
 
-    def _placement(self, slot: int, key: str, worker: str | None) -> Placement:
-        where = f"dask worker {worker}" if worker else f"dask task {key} (queued)"
-        return Placement(slot, where, {"kind": self.kind, "scheduler": self.address,
-                                       "key": key, "worker": worker})
+    def _placement(self, slot: int, key: str, worker: str) -> Placement:
+        return Placement(slot, f"dask worker {worker}", {
+            "kind": self.kind, "scheduler": self.address, "key": key, "worker": worker})
 
     async def stop(self, slot: int) -> None:
         run = self._runs.get(slot)

@@ -42,7 +42,7 @@ def run_documents(run_dir: Path, instructions: Path | None, training: dict[int, 
         (paths.analysis, True), (paths.memory, True), (paths.reasoning, False),
         (paths.scores, False))]
     for slot, node in sorted(training.items()):
-        key, label = ((f"training-{slot}", f"training log, slot {slot} (node {node})")
+        key, label = ((f"training-{slot}", f"slot {slot} log (node {node})")
                       if several_slots else ("training", f"training log (node {node})"))
         docs.append(Document(key, label, paths.training_log(node), False))
     if instructions is not None:

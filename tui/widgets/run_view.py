@@ -42,8 +42,13 @@ def slot_role(snapshot: RunSnapshot | None, slot: int) -> str | None:
     return roles[(slot - 1) % len(roles)] if roles else None
 
 
-def slot_summary(run: SlotRun | None) -> str:
-    """A few words on a slot for the slot bar: `it 7 training 40%`, `it 8 done`."""
+def slot_summary(state: RunState, snapshot: RunSnapshot | None, slot: int) -> str:
+    """A few words on a slot for the slot bar: `it 7 training 40%`, `it 9 waiting for
+    review`, `it 8 done`."""
+    run = state.slot_runs.get(slot)
+    held = state.held_before_training(slot, _unfinished(snapshot))
+    if held is not None:
+        return f"it {held} {state.before_training(held)}"
     if run is None:
         return "no run yet"
     if not run.running:
@@ -53,12 +58,12 @@ def slot_summary(run: SlotRun | None) -> str:
     return f"it {run.iteration} {what}{share}"
 
 
-def slot_bar(state: RunState, shown: int) -> Text:
+def slot_bar(state: RunState, snapshot: RunSnapshot | None, shown: int) -> Text:
     """Every slot in one wrapping line, the shown one highlighted."""
     bar = Text.assemble((f"slots {state.busy_slots}/{state.slot_count} busy", "bold"),
                         ("  [ ] switch  ", "dim"))
     for slot in range(1, state.slot_count + 1):
-        label = f" {slot}: {slot_summary(state.slot_runs.get(slot))} "
+        label = f" {slot}: {slot_summary(state, snapshot, slot)} "
         bar.append(label, "reverse bold" if slot == shown else "")
         bar.append(" ")
     return bar
@@ -113,7 +118,7 @@ class RunView(Vertical):
         bar = self.query_one("#slot-bar", Static)
         bar.set_class(several, "shown")
         if several:
-            bar.update(slot_bar(state, slot))
+            bar.update(slot_bar(state, snapshot, slot))
             self._show_slot(state, snapshot, slot)
         else:
             self._show_iteration(state, snapshot)
@@ -148,7 +153,10 @@ class RunView(Vertical):
         if role is not None:
             lines.append(f" · role {role}")
         lines.append("\n")
-        if run is None:
+        held = state.held_before_training(slot, _unfinished(snapshot))
+        if held is not None:
+            lines.append_text(_held(state, snapshot, held))
+        elif run is None:
             lines.append("no run started in this slot yet\n", "dim")
         else:
             total = state.total_iterations or (snapshot.info.iterations if snapshot else 0)
@@ -166,7 +174,8 @@ class RunView(Vertical):
             lines.append("\n")
         lines.append_text(_best(state, snapshot, run.r2 if run is not None else None))
         self.query_one("#run-info", Static).update(lines)
-        self._show_progress(run or SlotRun(slot, where, 0, 0, None, ""))
+        shown = run if run is not None and held is None else None
+        self._show_progress(shown or SlotRun(slot, where, 0, 0, None, ""))
 
     def _show_chart(self, snapshot: RunSnapshot | None) -> None:
         series = list(snapshot.r2_series) if snapshot else []
@@ -202,3 +211,28 @@ def _best(state: RunState, snapshot: RunSnapshot | None, last: float | None) -> 
         line.append(f" (node {best_id})")
     line.append(f" · last {format_r2(last)}")
     return line
+
+
+def _unfinished(snapshot: RunSnapshot | None) -> dict[int, int]:
+    return snapshot.unfinished_slots if snapshot is not None else {}
+
+
+def _held(state: RunState, snapshot: RunSnapshot | None, iteration: int) -> Text:
+    """An iteration before its run: what it does, and its proposal once there is one."""
+    total = state.total_iterations or (snapshot.info.iterations if snapshot else 0)
+    lines = Text.assemble((f"iteration {iteration}/{total}", "bold"),
+                          f" · {state.before_training(iteration)}\n")
+    review = state.reviews.get(iteration)
+    if review is None:
+        return lines
+    proposal = review.proposal
+    parent = "root" if proposal.parent_id is None else str(proposal.parent_id)
+    lines.append(f"node {iteration} ← parent {parent} · strategy ")
+    lines.append_text(plain(str(proposal.strategy)))
+    lines.append("\nmutation   ", "dim")
+    lines.append_text(plain(proposal.mutation or review.config_diff.replace("\n", "; ")
+                            or "–"))
+    lines.append("\nhypothesis ", "dim")
+    lines.append_text(plain(proposal.hypothesis or "–"))
+    lines.append("\n")
+    return lines
