@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from slot_journal import WAITING, WORKER, write_slot_run
+from textual.widgets import Static
 from waiting import until
 
 from engine import events as ev
@@ -91,6 +92,11 @@ async def test_the_attached_app_shows_each_slots_log_and_both_waiting_reviews(sl
         await pilot.press("]")
         assert app.live_log.lines[-1] == "simulated frame 40/200"
         assert app.state.slot_runs[2].where == WORKER
+        # the slots whose iteration waits for review say so (from the journaled starts)
+        bar = app.query_one("#slot-bar", Static)
+        await until(pilot, lambda: "3: it 7 waiting for review" in str(bar.render()),
+                    "slot 3's review")
+        assert "4: it 8 waiting for review" in str(bar.render())
         await pilot.press("2", "]", "a")
         assert app.sent == [ev.Approve(proposal_id=WAITING[1].proposal_id)]
     with Journal.open_for_client(slot_run) as journal:
