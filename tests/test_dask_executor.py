@@ -214,7 +214,7 @@ async def test_a_queued_run_is_stopped_without_waiting_for_a_worker(executor, tm
     for watch in watches[:2]:
         await watch.until(lambda w=watch: w.lines, "the busy runs' first lines")
     queued = start(executor, 3, node_job(tmp_path, "queued"), watches[2])
-    await until_queued(executor)
+    await until_submitted(executor, 3)  # both workers are busy: it cannot start
     await executor.stop(3)
     result = await queued
     assert result.status is RunStatus.STOPPED and not watches[2].placements
@@ -274,16 +274,12 @@ async def keys_running(executor: DaskExecutor) -> set[str]:
     return {key for keys in running.values() for key in keys}
 
 
-async def until_queued(executor: DaskExecutor, timeout: float = 30) -> None:
-    """Until the scheduler holds a task that no worker runs yet."""
+async def until_submitted(executor: DaskExecutor, tasks: int, timeout: float = 30) -> None:
+    """Until the scheduler holds `tasks` tasks."""
     async with asyncio.timeout(timeout):
-        while not any(state in ("queued", "no-worker") for state in (
-                await executor.client.run_on_scheduler(task_states)).values()):
+        while await executor.client.run_on_scheduler(
+                lambda dask_scheduler: len(dask_scheduler.tasks)) < tasks:
             await asyncio.sleep(0.05)
-
-
-def task_states(dask_scheduler) -> dict[str, str]:
-    return {str(key): task.state for key, task in dask_scheduler.tasks.items()}
 
 
 async def until_not_running(executor: DaskExecutor, key: str, timeout: float = 30) -> None:
