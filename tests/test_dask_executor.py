@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -336,6 +336,24 @@ async def test_a_node_that_holds_a_secret_is_not_sent(executor, tmp_path, monkey
     assert result.status is RunStatus.FAILED and not watch.placements
     assert result.error == ("the node's files or config hold the value of ANTHROPIC_API_KEY: "
                             "not sent to the Dask cluster")
+
+
+@on_the_cluster
+async def test_a_node_whose_files_hold_the_key_of_the_key_file_is_not_sent(executor, tmp_path):
+    key_file = tmp_path / "anthropic.key"
+    key_file.write_text(f"\n{FAKE_KEY}\n")
+
+    def leaky(folder: Path) -> None:
+        populate(folder)
+        (folder / "models" / "notes.txt").write_text(f"the key: {FAKE_KEY}")
+
+    keyed = DaskExecutor(1, replace(executor.plan, hide=(key_file,)), executor.settings)
+    keyed.client = executor.client  # the same cluster, started: only the plan differs
+    job = replace(node_job(tmp_path, "leaky"), populate=leaky)
+    result = await keyed.run(1, job)
+    assert result.status is RunStatus.FAILED
+    assert result.error == (f"the node's files or config hold the value of the key in "
+                            f"{key_file}: not sent to the Dask cluster")
 
 
 @on_the_cluster

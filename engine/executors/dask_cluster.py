@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,16 +74,26 @@ def environment_without_secrets(source: Mapping[str, str] | None = None) -> dict
             if not is_secret_name(name) and not any(secret in value for secret in values)}
 
 
-def _secret_values(source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The values of this process's credential-like variables, with their names."""
+def _secret_values(source: Mapping[str, str] | None = None,
+                   key_files: Iterable[Path] = ()) -> dict[str, str]:
+    """The values of this process's credential-like variables and the keys in `key_files`,
+    each with what it is called."""
     source = os.environ if source is None else source
-    return {value: name for name, value in source.items()
-            if is_secret_name(name) and len(value) >= _SECRET_MIN_CHARS}
+    values = {value: name for name, value in source.items()
+              if is_secret_name(name) and len(value) >= _SECRET_MIN_CHARS}
+    for path in key_files:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            key = next((line.strip() for line in Path(path).read_text("utf-8").splitlines()
+                        if line.strip()), "")
+            if len(key) >= _SECRET_MIN_CHARS:
+                values[key] = f"the key in {path}"
+    return values
 
 
-def secret_carried(*payloads: str | bytes) -> str | None:
-    """The name of a credential-like variable whose value appears in one of `payloads`."""
-    for value, name in _secret_values().items():
+def secret_carried(*payloads: str | bytes, key_files: Iterable[Path] = ()) -> str | None:
+    """What a secret found in one of `payloads` is called (a credential-like variable of this
+    process, or the key in one of `key_files`); None when there is none."""
+    for value, name in _secret_values(key_files=key_files).items():
         encoded = value.encode()
         for payload in payloads:
             if (encoded in payload) if isinstance(payload, bytes) else (value in payload):
@@ -96,7 +106,9 @@ def secret_carried(*payloads: str | bytes) -> str | None:
 
 @dataclass(frozen=True)
 class NodeTask:
-    """What travels to the worker: the node's files (a tar), its config, and how to run it."""
+    """What travels to the worker: the node's files (a tar), its config, and how to run it.
+    `threads`: the OMP/MKL threads of each step; None keeps the worker's own (a Dask nanny
+    sets 1: `distributed.nanny.pre-spawn-environ` on the workers changes it)."""
 
     key: str
     plan: EvaluationPlan
@@ -105,15 +117,16 @@ class NodeTask:
     seed: int
     scratch: str | None = None
     preload: tuple[str, ...] = DEFAULT_PRELOAD
-    threads: int | None = None  # OMP/MKL threads of each step; None: the worker's own setting
+    threads: int | None = None
 
 
 def pack(populate: Callable[[Path], None]) -> bytes:
-    """The node's experiment package, as `populate` writes it, in one compressed tar."""
+    """The node's experiment package, as `populate` writes it, in one tar (uncompressed: a
+    few small files, and what travels can be searched for secrets)."""
     buffer = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="proctor-pack-") as folder:
         populate(Path(folder))
-        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
             for entry in sorted(Path(folder).iterdir()):
                 archive.add(entry, arcname=entry.name)
     return buffer.getvalue()
@@ -121,7 +134,7 @@ def pack(populate: Callable[[Path], None]) -> bytes:
 
 def unpack(files: bytes, folder: Path) -> None:
     """Write a packed node into `folder` (the data filter refuses links out and odd modes)."""
-    with tarfile.open(fileobj=io.BytesIO(files), mode="r:gz") as archive:
+    with tarfile.open(fileobj=io.BytesIO(files), mode="r:") as archive:
         archive.extractall(folder, filter="data")
 
 
@@ -187,7 +200,8 @@ class _WorkerRuntime:
             area, log = folder / f"area-{index}", folder / "logs" / f"{task.key}.log"
             for made in (area, log.parent, cache):
                 made.mkdir(parents=True, exist_ok=True)
-                made.chmod(0o755)  # an untrusted step runs as another uid when we are root
+                with contextlib.suppress(OSError):  # a shared cache may be another user's
+                    made.chmod(0o755)  # an untrusted step runs as another uid when we are root
             env = dict(task.plan.env)
             if task.threads:
                 env.update(OMP_NUM_THREADS=str(task.threads), MKL_NUM_THREADS=str(task.threads))
@@ -445,7 +459,7 @@ class DaskExecutor(Executor):
         if self.client is None:
             raise ExecutorError("the Dask executor was not started")
         files = pack(job.populate)
-        carried = secret_carried(files, job.config_text)
+        carried = secret_carried(files, job.config_text, key_files=self.plan.hide)
         if carried is not None:
             return _result(RunStatus.FAILED, f"the node's files or config hold the value of "
                            f"{carried}: not sent to the Dask cluster")
