@@ -4,6 +4,7 @@ on this machine (no queue here)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -176,3 +177,20 @@ async def test_without_sbatch_a_slurm_cluster_is_one_line(tmp_path, monkeypatch)
         await executor.start()
     assert str(caught.value) == ("cluster system slurm submits jobs with sbatch, which is not "
                                  "on PATH here: run proctor on a Slurm submit host")
+
+
+async def test_a_queue_that_refuses_the_jobs_ends_the_run_with_its_answer(slurm, tmp_path):
+    (slurm.parent / "sbatch").write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        "print('sbatch: error: Invalid account or account/partition combination specified',"
+        " file=sys.stderr)\nsys.exit(1)\n")
+    settings = DaskSettings(cluster=JobQueueCluster(system="slurm", account="nobody"))
+    executor = DaskExecutor(1, plan(tmp_path), settings)
+    await executor.start()
+    try:
+        result = await asyncio.wait_for(executor.run(1, node_job(tmp_path, "refused")), 60)
+    finally:
+        await executor.aclose()
+    assert result.status is RunStatus.LOST
+    assert result.error == ("the slurm cluster cannot start a Dask worker: sbatch: error: "
+                            "Invalid account or account/partition combination specified")

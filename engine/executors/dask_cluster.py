@@ -44,6 +44,7 @@ from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.core import Status
 from distributed.deploy.subprocess import SubprocessWorker
 from distributed.scheduler import KilledWorker
+from distributed.utils import silence_logging_cmgr
 
 from engine.atomic import write_atomic
 from engine.config import DaskSettings
@@ -291,6 +292,23 @@ def _result(status: RunStatus, error: str, warnings: tuple[str, ...] = ()) -> Ru
 # ----------------------------------------------------------------------------- the engine's side
 
 
+@contextlib.contextmanager
+def quiet_dask() -> Iterator[None]:
+    """Keep Dask's logging (and tornado's reports of its failed callbacks, e.g. a refused
+    job submission) off the engine's terminal: what matters reaches a run's result."""
+    tornado = logging.getLogger("tornado.application")
+    tornado.addFilter(_drop)
+    try:
+        with silence_logging_cmgr(logging.CRITICAL):
+            yield
+    finally:
+        tornado.removeFilter(_drop)
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
 class _SecretFreeWorker(SubprocessWorker):
     """A worker (a nanny and its worker process) started as a subprocess whose environment
     holds no secret: an in-process nanny would spawn workers from ours."""
@@ -380,9 +398,11 @@ class DaskExecutor(Executor):
         self._logs: str | None = None  # the local workers' own logs
         self._runs: dict[int, _SlotRun] = {}
         self._attempts: dict[str, _Attempt] = {}
+        self._quiet = contextlib.ExitStack()
 
     # -- starting and closing
     async def start(self) -> None:
+        self._quiet.enter_context(quiet_dask())
         try:
             await self._start()
         except ExecutorError:
@@ -404,7 +424,7 @@ class DaskExecutor(Executor):
             self._logs = tempfile.mkdtemp(prefix="proctor-dask-")
             scheduler, workers = local_cluster_spec(self.slots, self._logs)
             self.cluster = await SpecCluster(workers=workers, scheduler=scheduler,
-                                             asynchronous=True, silence_logs=logging.ERROR,
+                                             asynchronous=True, silence_logs=False,
                                              name="proctor")
             self._threads = max(1, (os.cpu_count() or 1) // self.slots)
             target = self.cluster
@@ -449,6 +469,7 @@ class DaskExecutor(Executor):
         if self._logs is not None:
             shutil.rmtree(self._logs, ignore_errors=True)
             self._logs = None
+        self._quiet.close()
 
     def describe(self, slot: int) -> str:
         return f"dask slot {slot}" + (f" ({self.address})" if self.address else "")
@@ -518,6 +539,8 @@ class DaskExecutor(Executor):
                     placed = attempt.worker
                     if on_placed is not None:
                         on_placed(self._placement(slot, attempt.key, placed))
+                if placed is None and (failed := await self._cannot_start_workers()):
+                    return _result(RunStatus.LOST, failed), None  # sending again would not help
                 if run.stopping:
                     if placed is None:  # still queued: cancelling it is enough
                         return _stopped("stopped"), None
@@ -583,6 +606,19 @@ class DaskExecutor(Executor):
             elif attempt.lost is None:  # Dask started it again elsewhere: its worker left
                 attempt.lost = f"the Dask worker {attempt.worker} was lost"
             attempt.changed.set()
+
+    async def _cannot_start_workers(self) -> str | None:
+        """Why the batch cluster we started cannot start a worker, while it has none."""
+        failures = getattr(self.cluster, "submit_failures", None)
+        if not failures or self.client is None or self.settings.cluster is None:
+            return None
+        try:
+            if await self.client.scheduler.ncores():
+                return None
+        except Exception:
+            return None  # the scheduler did not answer this time: ask again later
+        return next((f"the {self.settings.cluster.system} cluster cannot start a Dask worker: "
+                     f"{line}" for line in failures[-1:]), None)
 
     async def _alive(self, worker: str) -> bool:
         assert self.client is not None

@@ -112,7 +112,7 @@ async def start_cluster(settings: JobQueueCluster) -> Any:
     and adapting between `adaptive_minimum` and `adaptive_maximum` jobs. ExecutorError (one
     line) when it cannot be: dask-jobqueue or the submit command missing, a secret in the
     job script."""
-    cluster_class, _ = _classes(settings.system)
+    cluster_class, _ = _classes(settings.system, submit_failures=[])
     _, submit, name = SYSTEMS[settings.system]
     if shutil.which(submit, path=environment_without_secrets().get("PATH")) is None:
         raise ExecutorError(f"cluster system {settings.system} submits jobs with {submit}, which "
@@ -124,30 +124,52 @@ async def start_cluster(settings: JobQueueCluster) -> Any:
     import dask
 
     dask.config.set({"distributed.scheduler.default-task-durations.proctor": TASK_DURATION})
-    cluster = await cluster_class(asynchronous=True, **cluster_kwargs(settings))
+    cluster = await cluster_class(asynchronous=True, silence_logs=False,
+                                  **cluster_kwargs(settings))
     cluster.adapt(minimum_jobs=settings.adaptive_minimum, maximum_jobs=settings.adaptive_maximum)
     return cluster
 
 
-def _classes(system: str) -> tuple[type, type]:
-    """dask-jobqueue's cluster and job classes for `system`, submitting without secrets."""
+def _classes(system: str, submit_failures: list[str] | None = None) -> tuple[type, type]:
+    """dask-jobqueue's cluster and job classes for `system`, submitting without secrets. The
+    cluster class's `submit_failures` holds why the last submission failed (one line), and is
+    emptied by one that succeeds."""
     try:
         import dask_jobqueue
     except ImportError:
         raise ExecutorError("executor dask with a cluster needs dask-jobqueue: "
                             "pip install 'proctor[dask]'") from None
     cluster_class = getattr(dask_jobqueue, SYSTEMS[system][0])
-    job_class = _secret_free(cluster_class.job_cls)
-    return type(cluster_class.__name__, (cluster_class,), {"job_cls": job_class}), job_class
+    failures = [] if submit_failures is None else submit_failures
+    job_class = _secret_free(cluster_class.job_cls, failures)
+    return type(cluster_class.__name__, (cluster_class,),
+                {"job_cls": job_class, "submit_failures": failures}), job_class
 
 
-def _secret_free(job_class: type) -> type:
-    """`job_class` whose submit and cancel commands run without credential-like variables."""
-    base_call = job_class._call
+def _secret_free(job_class: type, failures: list[str]) -> type:
+    """`job_class` whose submit and cancel commands run without credential-like variables,
+    and whose failed submissions are noted in `failures`."""
+    base_call, base_start = job_class._call, job_class.start
 
     async def _call(cmd: list[str], *, shell: bool = False, **kwargs: Any) -> str:
         kwargs.setdefault("env", environment_without_secrets())
         return await base_call(cmd, shell=shell, **kwargs)
 
-    return type(job_class.__name__, (job_class,), {"_call": staticmethod(_call)})
+    async def start(self: Any) -> None:
+        try:
+            await base_start(self)
+        except Exception as exc:
+            failures[:] = [_failure_line(exc)]
+            raise
+        failures.clear()
+
+    return type(job_class.__name__, (job_class,), {"_call": staticmethod(_call),
+                                                   "start": start})
+
+
+def _failure_line(exc: Exception) -> str:
+    """The telling line of a failed submission (dask-jobqueue quotes the command's output)."""
+    lines = [line.strip() for line in str(exc).splitlines()
+             if line.strip() and line.strip() not in ("stdout:", "stderr:")]
+    return lines[-1] if lines else type(exc).__name__
 
