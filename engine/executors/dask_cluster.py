@@ -428,8 +428,11 @@ class DaskExecutor(Executor):
                                              name="proctor")
             self._threads = max(1, (os.cpu_count() or 1) // self.slots)
             target = self.cluster
-        else:
+        elif settings.scheduler is not None:
             target = settings.scheduler
+        else:
+            raise ExecutorError("executor dask needs dask.scheduler (an address, or local) "
+                                "or dask.cluster (slurm, lsf or pbs)")
         self.client = await Client(target, asynchronous=True, set_as_default=False,
                                    timeout=settings.connect_timeout_s)
         self.address = self.client.scheduler.address
@@ -438,9 +441,10 @@ class DaskExecutor(Executor):
             try:
                 await self.client.wait_for_workers(self.slots, timeout=_LOCAL_START_S)
             except TimeoutError:
+                kept, self._logs = self._logs, None  # for the person who reads the error
                 raise ExecutorError(
                     f"the {self.slots} local Dask workers did not start within "
-                    f"{_LOCAL_START_S:g} s; their logs are in {self._logs}") from None
+                    f"{_LOCAL_START_S:g} s; their logs are in {kept}") from None
 
     def _start_problem(self, exc: Exception) -> str:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -489,7 +493,9 @@ class DaskExecutor(Executor):
         try:
             while True:
                 result, why = await self._attempt(slot, run, job, files, on_output, on_placed)
-                if why is None or run.stopping:
+                if why is not None and run.stopping:
+                    result, why = _stopped("stopped"), None
+                if why is None:
                     break
                 lost.append(why)
                 if len(lost) > self.settings.retries:
@@ -532,13 +538,15 @@ class DaskExecutor(Executor):
         placed: str | None = None
         stop_deadline: float | None = None
         loop = asyncio.get_running_loop()
+        def note_placement() -> str | None:  # once it has started on a worker
+            if attempt.worker is not None and attempt.worker != placed and on_placed is not None:
+                on_placed(self._placement(slot, attempt.key, attempt.worker))
+            return attempt.worker
+
         try:
             while not ended.done():
                 attempt.changed.clear()
-                if attempt.worker is not None and attempt.worker != placed:
-                    placed = attempt.worker
-                    if on_placed is not None:
-                        on_placed(self._placement(slot, attempt.key, placed))
+                placed = note_placement()
                 if placed is None and (failed := await self._cannot_start_workers()):
                     return _result(RunStatus.LOST, failed), None  # sending again would not help
                 if run.stopping:
@@ -558,6 +566,7 @@ class DaskExecutor(Executor):
                 await asyncio.wait({ended, changed}, timeout=_WATCH_S,
                                    return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
+            note_placement()  # a task that ended at once was placed too
         finally:
             ended.cancel()
         return await self._outcome(run, attempt, future, ended.result())
@@ -577,7 +586,11 @@ class DaskExecutor(Executor):
             line = (str(error).strip().splitlines() or [""])[0]
             return _result(RunStatus.FAILED, f"the Dask task failed: "
                            f"{type(error).__name__}: {line}"), None
-        payload = await future.result()
+        try:
+            payload = await future.result()
+        except Exception as exc:  # finished, then its worker went before the result came
+            why = f"the result of Dask task {attempt.key} was lost ({type(exc).__name__})"
+            return _result(RunStatus.LOST, why), why
         await self._catch_up(attempt, payload["messages"])
         with contextlib.suppress(OSError):
             write_atomic(attempt.job.log_path, payload["log"], durable=False)
@@ -627,15 +640,11 @@ class DaskExecutor(Executor):
         except Exception:
             return True  # the scheduler did not answer this time: ask again later
 
-    async def _signal_stop(self, key: str, worker: str | None) -> set[str]:
-        """Ask the worker running `key` (or every worker) to stop it; where it was running."""
+    async def _signal_stop(self, key: str, worker: str) -> None:
+        """Ask the worker running `key` to stop it (it sends the STOPPED result back)."""
         assert self.client is not None
-        try:
-            answers = await self.client.run(stop_key, key, workers=[worker] if worker else None,
-                                            on_error="ignore")
-        except Exception:
-            return set()
-        return {address for address, running in answers.items() if running is True}
+        with contextlib.suppress(Exception):  # a worker that is gone: the watch notices
+            await self.client.run(stop_key, key, workers=[worker], on_error="ignore")
 
     def _placement(self, slot: int, key: str, worker: str) -> Placement:
         return Placement(slot, f"dask worker {worker}", {
