@@ -336,8 +336,10 @@ def local_cluster_spec(slots: int, log_folder: str | None,
     """The scheduler (in this process) and `slots` one-thread workers of `scheduler: local`;
     on a machine with several GPUs each worker sees its own."""
     gpus = visible_gpus() if gpus is None else gpus
+    # its HTTP server (health, metrics) on a free port: two runs on one box must not collide
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0,
-                                               "dashboard": False, "dashboard_address": None}}
+                                               "dashboard": False,
+                                               "dashboard_address": "127.0.0.1:0"}}
     workers = {}
     for index in range(slots):
         env = {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus and slots > 1 else {}

@@ -30,6 +30,7 @@ SYSTEMS = {  # system: (dask-jobqueue cluster class, submit command, name for pe
 JOB_NAME = "proctor-worker"
 PLACEHOLDER_SCHEDULER = "tcp://<scheduler>:8786"  # in a script rendered without a cluster
 TASK_DURATION = "1h"  # what adaptive scaling assumes of a run before it has timed one
+DASHBOARD = ":0"  # a free port: several runs may share a login node
 
 
 def walltime_seconds(text: str) -> int:
@@ -125,6 +126,7 @@ async def start_cluster(settings: JobQueueCluster) -> Any:
 
     dask.config.set({"distributed.scheduler.default-task-durations.proctor": TASK_DURATION})
     cluster = await cluster_class(asynchronous=True, silence_logs=False,
+                                  scheduler_options={"dashboard_address": DASHBOARD},
                                   **cluster_kwargs(settings))
     cluster.adapt(minimum_jobs=settings.adaptive_minimum, maximum_jobs=settings.adaptive_maximum)
     return cluster
