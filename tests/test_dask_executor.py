@@ -144,6 +144,20 @@ async def executor(tmp_path_factory) -> AsyncIterator[DaskExecutor]:
             await made.aclose()
 
 
+@contextlib.asynccontextmanager
+async def another_run(executor: DaskExecutor, **changes: object
+                      ) -> AsyncIterator[DaskExecutor]:
+    """Another engine's executor on the same cluster (its scheduler's address), with a plan
+    that has `changes`."""
+    other = DaskExecutor(executor.slots, replace(executor.plan, **changes),
+                         DaskSettings(scheduler=executor.address), preload=executor.preload)
+    await other.start()
+    try:
+        yield other
+    finally:
+        await other.aclose()
+
+
 async def worker_pids(executor: DaskExecutor) -> dict[str, int]:
     return await executor.client.run(os.getpid)
 
@@ -190,6 +204,24 @@ async def test_the_tiny_experiment_trains_on_a_worker_and_its_metrics_come_back(
     assert result.status is RunStatus.OK, (result.error, job.log_path.read_text()[-2000:])
     assert result.metrics["training_time_s"] > 0 and "final_r2" in result.metrics
     assert "[harness] score: status ok" in job.log_path.read_text()
+
+
+@on_the_cluster
+async def test_the_streamed_log_keeps_to_the_log_limit_on_the_engines_side(executor, tmp_path):
+    job = node_job(tmp_path, "chatty", lines=400, pause_s=0.002)
+    sizes = []
+
+    def output(lines: list[str]) -> None:
+        sizes.append(job.log_path.stat().st_size)
+
+    limits = executor.plan.limits.model_copy(update={"log_mb": 2 / 1024})  # 2 KiB
+    async with another_run(executor, limits=limits) as capped:
+        result = await capped.run(1, job, on_output=output)
+    assert result.status is RunStatus.OK and result.log_truncated
+    assert len(sizes) > 1 and max(sizes) < 2 * 2048  # one batch past the limit at most
+    log = job.log_path.read_text()  # the worker's: its head, a marker, its last lines
+    assert "[proctor] log truncated" in log and "chatty line 200" not in log
+    assert log.startswith("chatty line 0\n") and "chatty line 399" in log
 
 
 @on_the_cluster
@@ -348,10 +380,9 @@ async def test_a_node_whose_files_hold_the_key_of_the_key_file_is_not_sent(execu
         populate(folder)
         (folder / "models" / "notes.txt").write_text(f"the key: {FAKE_KEY}")
 
-    keyed = DaskExecutor(1, replace(executor.plan, hide=(key_file,)), executor.settings)
-    keyed.client = executor.client  # the same cluster, started: only the plan differs
     job = replace(node_job(tmp_path, "leaky"), populate=leaky)
-    result = await keyed.run(1, job)
+    async with another_run(executor, hide=(key_file,)) as keyed:
+        result = await keyed.run(1, job)
     assert result.status is RunStatus.FAILED
     assert result.error == (f"the node's files or config hold the value of the key in "
                             f"{key_file}: not sent to the Dask cluster")

@@ -356,6 +356,7 @@ class _Attempt:
     key: str
     job: NodeJob
     on_output: OutputCallback | None
+    log_room: int  # bytes the streamed log may still take here (the worker's log is capped too)
     worker: str | None = None
     lost: str | None = None  # why the run's worker is gone
     messages: int = 0  # log messages received
@@ -363,8 +364,11 @@ class _Attempt:
 
     def deliver(self, lines: list[str]) -> None:
         self.messages += 1
-        with contextlib.suppress(OSError), open(self.job.log_path, "a", encoding="utf-8") as log:
-            log.writelines(line + "\n" for line in lines)
+        text = "".join(line + "\n" for line in lines).encode("utf-8", "replace")
+        if self.log_room > 0:
+            self.log_room -= len(text)
+            with contextlib.suppress(OSError), open(self.job.log_path, "ab") as log:
+                log.write(text)
         if self.on_output is not None:
             try:
                 self.on_output(lines)
@@ -520,7 +524,8 @@ class DaskExecutor(Executor):
         key = f"proctor-{job.iteration}.{job.attempt}-{secrets.token_hex(4)}"
         task = NodeTask(key, self.plan, files, job.config_text, job.seed, self.settings.scratch,
                         self.preload, self._threads)
-        attempt = run.attempt = self._attempts[key] = _Attempt(key, job, on_output)
+        attempt = run.attempt = self._attempts[key] = _Attempt(
+            key, job, on_output, int(self.plan.limits.log_mb * 2**20))
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         job.log_path.write_bytes(b"")  # the log of this attempt only
         # Placed once it starts on a worker; until then a killed engine's client takes its
