@@ -141,7 +141,7 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
         runner=runner or exploration.runner,
     )
     if detach:
-        return _detach(root, config_path, settings, echo_log)
+        return _detach(root, config_path, settings, echo_log, exploration.parallel)
     if not headless and _interactive():
         return _run_in_tui(root, config, settings)
     from engine.headless import HeadlessPrinter
@@ -192,7 +192,7 @@ def _run_in_tui(root: Path, config: ExperimentConfig, settings) -> int:
 DETACH_START_S = 60.0  # how long `run --detach` waits for the engine to record the run
 
 
-def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
+def _detach(root: Path, config_path: Path, settings, echo_log: bool, slots: int = 1) -> int:
     """Start the engine as a process of its own session (it outlives the terminal and the SSH
     connection), its output in log/<run>/engine.out; return once the run is recorded.
 
@@ -236,7 +236,10 @@ def _detach(root: Path, config_path: Path, settings, echo_log: bool) -> int:
         f"its output goes to {output}")
     say(f"  watch and review:  proctor attach {settings.name}")
     say(f"  approve/reject:    proctor approve {settings.name}  |  "
-        f"proctor reject {settings.name} --reason TEXT")
+        f"proctor reject {settings.name} --reason TEXT"
+        + ("  (add --proposal ID while several wait)" if slots > 1 else ""))
+    if slots > 1:
+        say(f"  what runs where:   proctor status {settings.name}")
     say(f"  stop it:           proctor stop {settings.name}")
     return 0
 
