@@ -368,6 +368,16 @@ async def test_stop_current_kills_the_group(runner, make_case) -> None:
     assert_nothing_survives(case, expected_at_least=3)
 
 
+async def test_the_log_file_has_each_batch_while_the_run_goes(runner, make_case) -> None:
+    """Viewers in other processes (an attached app, `status`) tail the file itself."""
+    case = make_case("print_then_wait")
+    task = asyncio.create_task(case.run(runner))
+    assert await _wait_async(lambda: bool(case.lines))
+    assert "first line of the run" in case.log  # not held back in a write buffer
+    await runner.stop_current()
+    assert (await task).status is RunStatus.STOPPED
+
+
 async def _wait_async(condition: Callable[[], bool], deadline_s: float = 10.0) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

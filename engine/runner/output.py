@@ -122,6 +122,13 @@ class OutputSink:
     def take_batch(self) -> list[str]:
         """The lines completed since the last call (capped; a marker says how many were cut)."""
         batch, self._pending = self._pending, []
+        if not self._log.closed:  # viewers in other processes tail the file: no 8 KiB lag
+            try:
+                self._log.flush()
+            except OSError as exc:
+                self.warnings.append(f"cannot write the log {self.log_path}: "
+                                     f"{exc.strerror or exc}")
+                self._log.close()
         if self._skipped_lines:
             batch.append(f"[proctor] … {self._skipped_lines} lines not shown here (see the log)")
             self._skipped_lines = 0
