@@ -68,8 +68,8 @@ class RunPlace:
 
 
 def slot_names(config: ExperimentConfig) -> tuple[str, ...]:
-    """Where each slot of a run with `config` runs, slot 1 first, as far as a viewer can tell
-    (each run's own place, such as the Dask worker, comes with its `run_started` step)."""
+    """Where each slot of a run with `config` runs, slot 1 first, for a run no engine with
+    slots has opened yet (an engine journals its own words: `RunState.slots`)."""
     exploration = config.exploration
     dask = exploration.executor.dask
     if exploration.executor.kind == "local":
@@ -348,10 +348,10 @@ class AttachedRun:
         events: list[ev.Event] = []
         if not self._opened:
             self._opened = True
-            missing = RunState(self.reader.journal).sandbox_missing
+            state = RunState(self.reader.journal)
             events.append(ev.RunOpened(self.info.name, str(self.info.run_dir),
-                                       self.info.iterations, sandbox_missing=missing,
-                                       slots=slot_names(self.info.config)))
+                                       self.info.iterations, sandbox_missing=state.sandbox_missing,
+                                       slots=state.slots or slot_names(self.info.config)))
         rows = self.reader.new_rows()
         finished = {(r.iteration, r.attempt) for r in rows if r.step == Step.RUN_FINISHED}
         last_start: dict[int, int] = {}  # slot -> the latest run start of this batch there
@@ -389,7 +389,7 @@ class AttachedRun:
         match row.step:
             case Step.STARTED:
                 return [ev.IterationStarted(iteration, int(payload.get("block", 0)),
-                                            self.info.iterations)]
+                                            self.info.iterations, int(payload.get("slot", 1)))]
             case Step.PROPOSAL_STORED:
                 self._proposals[key] = Proposal.model_validate(payload["proposal"])
                 if payload.get("human"):

@@ -265,6 +265,12 @@ class Exploration(_Strict):
     limits: Limits = Limits()
     anthropic: AnthropicSettings = AnthropicSettings()
 
+    def slot_role(self, slot: int) -> str | None:
+        """What slot `slot` (1-based) is asked for: `slot_roles` cycled over the slots; None
+        when the config names no roles."""
+        roles = self.slot_roles
+        return roles[(slot - 1) % len(roles)] if roles else None
+
 
 class ExperimentConfig(_Strict):
     """A whole config file. Experiment sections stay mappings here: the experiment's own

@@ -31,6 +31,7 @@ class IterationStarted(Event):
     iteration: int
     block: int
     total_iterations: int
+    slot: int = 1
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 otherwise (a log file, a pipe, CI). A reader that goes away (`proctor run | head`) ends the
 printing, never the run.
 
-With several slots the iterations' lines interleave, so each names its iteration, and its
-slot once its run started there: `[slot 2] iteration 7: training node 7 on local slot 2`."""
+With several slots the iterations' lines interleave, so each names its iteration and its
+slot: `[slot 2] iteration 7: training node 7 on local slot 2`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class HeadlessPrinter:
         self.steps = 0
         self.slots = 1
         self._slot_of: dict[int, int] = {}  # iteration -> the slot its run started in
+        self._slot_tag: dict[int, int] = {}  # iteration -> its slot, from its start
         self._progress: dict[int, tuple[int, int]] = {}  # iteration -> (step, total), k > 1
         self._status_shown = False
         self._closed = False  # the reader went away: print nothing more
@@ -69,6 +70,8 @@ class HeadlessPrinter:
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.TrainingStarted):
             self._slot_of[event.iteration] = event.slot
+        if isinstance(event, ev.IterationStarted | ev.TrainingStarted):
+            self._slot_tag[event.iteration] = event.slot
         text = self._describe(event)
         if text is not None:
             if self.slots > 1:
@@ -76,6 +79,7 @@ class HeadlessPrinter:
             self._line(strip_control(text))  # runs, agents and humans wrote parts of it
         if isinstance(event, ev.NodeFinished | ev.IterationSkipped):
             self._slot_of.pop(event.iteration, None)
+            self._slot_tag.pop(event.iteration, None)
             self._progress.pop(event.iteration, None)
         if self.live and isinstance(event, ev.TrainingProgress | ev.IterationStarted
                                     | ev.NodeFinished | ev.LogLines):
@@ -164,13 +168,13 @@ class HeadlessPrinter:
 
     def _tagged(self, event: ev.Event, text: str) -> str:
         """`text` about one iteration with that iteration named on its first line, and every
-        line led by the slot of its run once known (`[slot 2] iteration 7: ...`)."""
+        line led by its slot (`[slot 2] iteration 7: ...`)."""
         iteration = getattr(event, "iteration", None)
         if isinstance(event, ev.CodeCommitted | ev.NodeReverted):
             iteration = event.node_id  # a node's id is its iteration's number
         if not isinstance(iteration, int):
             return text
-        slot = self._slot_of.get(iteration)
+        slot = self._slot_tag.get(iteration)
         tag = f"[slot {slot}] " if slot is not None else ""
         lines = text.splitlines()
         if isinstance(event, ev.LogLines):

@@ -264,11 +264,11 @@ class Engine:
         unfinished = self.journal.unfinished_iterations()
         missing = tuple(f"{layer.name}: {layer.detail}" for layer in missing_layers())
         self.state.sandbox_missing = missing  # attached viewers show it too
+        slots = tuple(self.executor.describe(slot) for slot in range(1, self.slots + 1))
+        self.state.slots = slots
         self.publish(ev.RunOpened(self.settings.name, str(self.run_dir), self.settings.iterations,
                                   resumed_at=unfinished[0] if unfinished else None,
-                                  sandbox_missing=missing,
-                                  slots=tuple(self.executor.describe(slot)
-                                              for slot in range(1, self.slots + 1))))
+                                  sandbox_missing=missing, slots=slots))
         self._agent_turn = asyncio.Lock()
         watcher = None
         if self.settings.watch_edits:
@@ -346,11 +346,10 @@ class Engine:
         the lowest free slot."""
         busy = {flight.slot for flight in self._flights.values()}
         slot = min(set(range(1, self.slots + 1)) - busy)
-        roles = self.exploration.slot_roles
         block = block_of(iteration, self.exploration.block_size)
         self.journal.append(iteration, Step.STARTED, {"block": block, "slot": slot})
-        flight = self._flights[iteration] = Flight(
-            iteration, slot, roles[(slot - 1) % len(roles)] if roles else None)
+        flight = self._flights[iteration] = Flight(iteration, slot,
+                                                   self.exploration.slot_role(slot))
         return asyncio.create_task(self._fly(flight), name=f"iteration {iteration}")
 
     async def _fly(self, flight: Flight) -> None:
@@ -419,9 +418,9 @@ class Engine:
         if (iteration - 1) % self.exploration.block_size == 0:
             self.logs.snapshot_protocol(block_of(iteration, self.exploration.block_size),
                                         self.view.instructions())
-        self.publish(ev.IterationStarted(iteration, block_of(iteration,
-                                                             self.exploration.block_size),
-                                         self.settings.iterations))
+        self.publish(ev.IterationStarted(iteration,
+                                         block_of(iteration, self.exploration.block_size),
+                                         self.settings.iterations, flight.slot))
         number = self._resume_attempt(iteration)
         rejections: list[str] = []
         repair: Repair | None = None

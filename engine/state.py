@@ -16,6 +16,7 @@ HUMAN_QUEUE = "human_queue"
 STALE_PROPOSAL = "stale_proposal"
 POLICY_VIOLATIONS = "policy_violations"
 SANDBOX_MISSING = "sandbox_missing"
+SLOTS = "slots"  # where each slot runs, as the engine's executor describes it
 DO_NOT_RETRY = "do_not_retry"
 UNLOGGED = "unlogged"
 MANUAL_EDITS = "manual_edits"  # humans' edits of editable files, awaiting adopt or ignore
@@ -117,6 +118,16 @@ class RunState:
     @sandbox_missing.setter
     def sandbox_missing(self, layers: tuple[str, ...]) -> None:
         self.journal.set_state(SANDBOX_MISSING, list(layers))
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Where each slot runs, slot 1 first ("local slot 2 on GPU 1", ...); empty before an
+        engine with slots opened the run."""
+        return tuple(str(item) for item in self._list(SLOTS))
+
+    @slots.setter
+    def slots(self, names: tuple[str, ...]) -> None:
+        self.journal.set_state(SLOTS, list(names))
 
     @property
     def do_not_retry(self) -> list[str]:

@@ -84,8 +84,8 @@ def test_with_several_slots_each_line_names_its_iteration_and_its_slot():
     printer = HeadlessPrinter(stream, live=False, echo_log=True)
     for event in (
         ev.RunOpened("r7", "/tmp/r7", 10, slots=("local slot 1", "local slot 2 on GPU 1")),
-        ev.IterationStarted(7, 1, 10),
-        ev.IterationStarted(8, 1, 10),
+        ev.IterationStarted(7, 1, 10, 1),
+        ev.IterationStarted(8, 1, 10, 2),
         ev.ProposalReady(7, config, "", "training.lr: 1e-2 -> 1e-3", False, "7.0-aa"),
         ev.TrainingStarted(7, 7, None, "lr 1e-3", 4242, 1, "local slot 1"),
         ev.ProposalReady(8, code, "+b\n", "", True, "8.0-bb"),
@@ -96,13 +96,14 @@ def test_with_several_slots_each_line_names_its_iteration_and_its_slot():
     assert stream.getvalue().splitlines() == [
         "run r7: 10 iterations, files in /tmp/r7",
         "  2 slots: local slot 1, local slot 2 on GPU 1",
-        "iteration 7/10 (block 1)",
-        "iteration 8/10 (block 1)",
-        "iteration 7: proposal: parent=root strategy=exploit mutation=lr 1e-3",
+        "[slot 1] iteration 7/10 (block 1)",
+        "[slot 2] iteration 8/10 (block 1)",
+        "[slot 1] iteration 7: proposal: parent=root strategy=exploit mutation=lr 1e-3",
         "[slot 1] iteration 7: training node 7 on local slot 1 (pid 4242)",
-        "iteration 8: proposal: parent=1 strategy=code-modification mutation=[code] clip",
-        "+b",
-        "  waiting for review: proctor approve r7 --proposal 8.0-bb  |  "
+        "[slot 2] iteration 8: proposal: parent=1 strategy=code-modification "
+        "mutation=[code] clip",
+        "[slot 2] +b",
+        "[slot 2]   waiting for review: proctor approve r7 --proposal 8.0-bb  |  "
         "proctor reject r7 --proposal 8.0-bb --reason TEXT",
         "[slot 1] | step 1/3 loss 1.0",
         "[slot 1] iteration 7: node 7: done, R2=0.5000; best R2 so far 0.5000",

@@ -38,8 +38,7 @@ def progress_label(state: RunState | SlotRun) -> Text:
 def slot_role(snapshot: RunSnapshot | None, slot: int) -> str | None:
     """What `slot` is asked for (`exploration.slot_roles`, cycled over the slots as the
     engine assigns them); None when the config names no roles."""
-    roles = snapshot.info.config.exploration.slot_roles if snapshot is not None else []
-    return roles[(slot - 1) % len(roles)] if roles else None
+    return snapshot.info.config.exploration.slot_role(slot) if snapshot is not None else None
 
 
 def slot_summary(state: RunState, snapshot: RunSnapshot | None, slot: int) -> str:
