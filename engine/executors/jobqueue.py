@@ -57,7 +57,7 @@ def walltime_for(system: str, text: str) -> str:
     return f"{days}-{clock}" if days else clock
 
 
-def cluster_kwargs(settings: JobQueueCluster, *, python: str | None = None) -> dict[str, Any]:
+def cluster_kwargs(settings: JobQueueCluster) -> dict[str, Any]:
     """The keyword arguments of dask-jobqueue's cluster (and job) class for `settings`.
 
     dask-jobqueue's `cores` is the worker's threads, so it is 1 here (one node at a time);
@@ -70,7 +70,7 @@ def cluster_kwargs(settings: JobQueueCluster, *, python: str | None = None) -> d
         "queue": settings.queue,
         "walltime": walltime_for(settings.system, settings.walltime),
         "job_script_prologue": list(settings.job_script_prologue),
-        "python": settings.python or python or sys.executable,
+        "python": settings.python or sys.executable,
         "interface": settings.interface,
         "local_directory": settings.local_directory,
         "job_name": JOB_NAME,
