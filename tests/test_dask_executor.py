@@ -135,6 +135,7 @@ async def executor(tmp_path_factory) -> AsyncIterator[DaskExecutor]:
     """Two slots on a local cluster started while a (fake) API key is in the environment."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ANTHROPIC_API_KEY", FAKE_KEY)
+        patch.setenv("PROCTOR_TEST_SCRATCH", str(tmp_path_factory.mktemp("scratch")))
         made = DaskExecutor(2, plan(tmp_path_factory.mktemp("dask")),
                             DaskSettings(scheduler="local", retries=1), preload=("yaml",))
         await made.start()
@@ -145,12 +146,13 @@ async def executor(tmp_path_factory) -> AsyncIterator[DaskExecutor]:
 
 
 @contextlib.asynccontextmanager
-async def another_run(executor: DaskExecutor, **changes: object
+async def another_run(executor: DaskExecutor, scratch: str | None = None, **changes: object
                       ) -> AsyncIterator[DaskExecutor]:
     """Another engine's executor on the same cluster (its scheduler's address), with a plan
     that has `changes`."""
     other = DaskExecutor(executor.slots, replace(executor.plan, **changes),
-                         DaskSettings(scheduler=executor.address), preload=executor.preload)
+                         DaskSettings(scheduler=executor.address, scratch=scratch),
+                         preload=executor.preload)
     await other.start()
     try:
         yield other
@@ -222,6 +224,20 @@ async def test_the_streamed_log_keeps_to_the_log_limit_on_the_engines_side(execu
     log = job.log_path.read_text()  # the worker's: its head, a marker, its last lines
     assert "[proctor] log truncated" in log and "chatty line 200" not in log
     assert log.startswith("chatty line 0\n") and "chatty line 399" in log
+
+
+@on_the_cluster
+async def test_scratch_holds_each_workers_areas_and_one_data_cache(executor, tmp_path):
+    async with another_run(executor, scratch="$PROCTOR_TEST_SCRATCH/runs") as scratched:
+        results = await asyncio.gather(*(scratched.run(slot, node_job(tmp_path, f"s{slot}",
+                                                                      lines=20, pause_s=0.05))
+                                         for slot in (1, 2)))
+    assert [result.status for result in results] == [RunStatus.OK] * 2
+    runs = Path(os.environ["PROCTOR_TEST_SCRATCH"]) / "runs"  # the workers' value of it
+    folders = sorted(path.name for path in runs.iterdir())
+    assert "data-cache" in folders and len(folders) == 3  # and one folder per worker
+    for folder in set(folders) - {"data-cache"}:
+        assert (runs / folder / "area-0" / "split" / "prepared.json").exists()
 
 
 @on_the_cluster

@@ -246,10 +246,10 @@ def _should_stop(worker: Any, key: str) -> bool:
 
 def _scratch(task: NodeTask, worker: Any) -> tuple[Path, Path]:
     """This worker's folder for run areas and logs, and the simulated-data cache: under
-    `dask.scratch` (shared by the workers of a host, each in its own folder) or else in the
-    worker's local directory."""
+    `dask.scratch` (shared by the workers of a host, each in its own folder; $VARIABLES such
+    as $USER or $SLURM_TMPDIR are the worker's) or else in the worker's local directory."""
     if task.scratch:
-        root = Path(task.scratch).expanduser()
+        root = Path(os.path.expandvars(task.scratch)).expanduser()
         own = re.sub(r"[^\w.-]", "_", f"{socket.gethostname()}-{worker.name}")
         return root / own, root / "data-cache"
     root = Path(worker.local_directory) / "proctor"
