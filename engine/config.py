@@ -204,7 +204,8 @@ class DaskSettings(_Strict):
     cluster: JobQueueCluster | None = None
     # a run whose worker was lost is sent again this many times before it counts as failed
     retries: Annotated[CountFromZero, Field(le=10)] = 1
-    # on each worker: where runs and the simulated data cache live (default: its temp dir)
+    # on each worker: where runs and the simulated data cache live ($USER, $SLURM_TMPDIR:
+    # the worker's values); default: the worker's own local directory
     scratch: str | None = None
     connect_timeout_s: Annotated[Seconds, Field(le=3600)] = 30.0
 
