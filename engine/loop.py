@@ -102,7 +102,7 @@ class Engine:
             self.executor = executor or make_executor(
                 self.config, self.project_root, self.paths.sandbox,
                 (lambda: runner) if runner is not None else
-                (lambda: make_runner(self.settings.runner)))
+                (lambda: make_runner(self.settings.runner)), self.settings.runner)
         except ExecutorError as exc:
             raise EngineError(str(exc)) from None
         self.inbox = CommandInbox(self.journal, publish)
@@ -479,7 +479,8 @@ class Engine:
         used = sum(1 for p in attempt_proposals(self.journal, attempt.iteration)
                    if p.strategy == Strategy.REPAIR)
         if (node.status is NodeStatus.DONE or attempt.human is not None
-                or not node.code_changed or used >= self.exploration.repair_attempts):
+                or not node.code_changed or used >= self.exploration.repair_attempts
+                or result.status is RunStatus.LOST):  # the machine failed, not the code
             return None
         error = result.error or result.status.value
         detail = f"{error}\n{result.traceback_tail or ''}".strip()

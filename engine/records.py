@@ -8,7 +8,7 @@ from engine.journal import Journal, Step
 from engine.logs import RunLogs
 from engine.memory import Memory
 from engine.proposal import Proposal
-from engine.runner import RunResult
+from engine.runner import RunResult, RunStatus
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of
 
@@ -45,7 +45,9 @@ class RunRecords:
         """A node's outcome: a failed code change of the agent's becomes a note it may not
         drop; the analysis entry waits for the next proposal's analysis of it."""
         iteration = node.id
-        if node.status is not NodeStatus.DONE and node.code_changed and by_agent:
+        # a run whose machine was lost says nothing about its code: it may be proposed again
+        if node.status is not NodeStatus.DONE and node.code_changed and by_agent \
+                and result.status is not RunStatus.LOST:
             change = proposal.code_change.change if proposal.code_change else proposal.mutation
             detail = result.error.splitlines()[0] if result.error else "no detail"
             note = f"node {iteration}: {change} ({result.status.value}: {detail})"

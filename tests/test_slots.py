@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -17,12 +18,15 @@ from waiting import wait_for
 from engine import events as ev
 from engine.agents.base import AgentContext, AgentReply
 from engine.config import load_config
+from engine.evaluation import EvaluationPlan
+from engine.executors import LocalExecutor
 from engine.journal import Journal, Step
 from engine.loop import Engine
 from engine.proposal import CodeChange, CodeEdit, Proposal, Strategy
 from engine.review import waiting_reviews
+from engine.runner import RunStatus, make_runner
 from engine.runner.isolation import is_running
-from engine.runs import RunSettings
+from engine.runs import RunSettings, create_run
 from engine.state import RunState
 
 HERE = Path(__file__).resolve().parent
@@ -271,3 +275,35 @@ def test_kill_9_with_two_runs_in_flight_then_resume_reruns_each_under_its_number
             journal.close()
         if engine.poll() is None:
             os.kill(engine.pid, signal.SIGKILL)
+
+
+class LosingExecutor(LocalExecutor):
+    """Iteration 2's machine goes away mid-run (as a Dask worker can)."""
+
+    async def run(self, slot, job, *, on_output=None, on_placed=None):
+        result = await super().run(slot, job, on_output=on_output, on_placed=on_placed)
+        if job.iteration == 2:
+            return replace(result, status=RunStatus.LOST, metrics={},
+                           error="the worker tcp://10.0.0.9:4000 was lost (sent 2 times)")
+        return result
+
+
+async def test_a_run_whose_machine_was_lost_is_not_blamed_on_its_code(tmp_path):
+    project = slotted_project(tmp_path / "project", step_sleep=0.0, repair_attempts=1)
+    config = load_config(project / "configs" / "fake.yaml")
+    agent = CrashingSlotAgent()  # iteration 2 is a code change
+    executor = LosingExecutor(2, EvaluationPlan.of(config.exploration, project),
+                              project / "log" / "r1" / "sandbox",
+                              lambda: make_runner("subprocess"), gpus=[])
+    engine = Engine(create_run(project, config, settings(project, 3), lambda event: None),
+                    agent, executor=executor)
+    try:
+        await engine.run()
+    finally:
+        engine.close()
+    lost = engine.tree.get(2)
+    assert lost.status == "failed" and lost.code_changed
+    assert not any(context.repair for context in agent.contexts)  # no repair of sound code
+    memory = (engine.run_dir / "memory.md").read_text()
+    assert "node 2:" not in memory  # no do-not-retry note either
+    assert "was lost" in (engine.paths.metrics(2)).read_text()

@@ -55,8 +55,9 @@ def check_executor(config: ExperimentConfig) -> None:
 
 
 def make_executor(config: ExperimentConfig, project_root: Path, sandbox_root: Path,
-                  make_runner: Callable[[], Runner]) -> Executor:
-    """The executor `exploration.executor` names, with `exploration.parallel` slots.
+                  make_runner: Callable[[], Runner], runner_mode: str = "zygote") -> Executor:
+    """The executor `exploration.executor` names, with `exploration.parallel` slots; local
+    slots get their runners from `make_runner`, Dask workers make `runner_mode` ones.
     ExecutorError (one line) when it cannot be had, e.g. Dask is not installed."""
     exploration = config.exploration
     plan = EvaluationPlan.of(exploration, project_root)
@@ -70,4 +71,4 @@ def make_executor(config: ExperimentConfig, project_root: Path, sandbox_root: Pa
     except ImportError as exc:
         raise ExecutorError(f"executor: dask needs Dask ({exc.name or exc}): {DASK_EXTRA}") \
             from None
-    return DaskExecutor(exploration.parallel, plan, settings.dask)
+    return DaskExecutor(exploration.parallel, plan, settings.dask, runner=runner_mode)

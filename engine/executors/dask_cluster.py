@@ -119,6 +119,7 @@ class NodeTask:
     scratch: str | None = None
     preload: tuple[str, ...] = DEFAULT_PRELOAD
     threads: int | None = None
+    runner: str = "zygote"  # exploration.runner: zygote, or a fresh subprocess per step
 
 
 def pack(populate: Callable[[Path], None]) -> bytes:
@@ -172,31 +173,33 @@ class _WorkerRuntime:
                                        daemon=True)
         self.thread.start()
         self.running: dict[str, Runner] = {}
-        self._idle: dict[tuple[str, ...], list[tuple[int, Runner]]] = {}
+        self._idle: dict[tuple[str, tuple[str, ...]], list[tuple[int, Runner]]] = {}
         self._made = 0
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _lease(self, preload: tuple[str, ...]) -> Iterator[tuple[int, Runner]]:
+    def _lease(self, mode: str, preload: tuple[str, ...]) -> Iterator[tuple[int, Runner]]:
         with self._lock:
-            idle = self._idle.setdefault(preload, [])
+            idle = self._idle.setdefault((mode, preload), [])
             if idle:
                 leased = idle.pop()
             else:
-                leased = (self._made, make_runner("zygote", preload=preload))
+                runner = make_runner("subprocess") if mode == "subprocess" else \
+                    make_runner("zygote", preload=preload)
+                leased = (self._made, runner)
                 self._made += 1
         try:
             yield leased
         finally:
             with self._lock:
-                self._idle[preload].append(leased)
+                self._idle[mode, preload].append(leased)
 
     def run(self, worker: Any, task: NodeTask) -> dict[str, Any]:
         stream = _Stream(worker, task.key)
         stream.send(kind="started", worker=worker.address)
         if task.key in _STOPS:
             return _payload(_stopped("stopped before it started"), b"", stream, worker)
-        with self._lease(task.preload) as (index, runner):
+        with self._lease(task.runner, task.preload) as (index, runner):
             folder, cache = _scratch(task, worker)
             area, log = folder / f"area-{index}", folder / "logs" / f"{task.key}.log"
             for made in (area, log.parent, cache):
@@ -392,8 +395,9 @@ class DaskExecutor(Executor):
     kind = "dask"
 
     def __init__(self, slots: int, plan: EvaluationPlan, settings: DaskSettings, *,
-                 preload: tuple[str, ...] = DEFAULT_PRELOAD):
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, runner: str = "zygote"):
         super().__init__(slots)
+        self.runner_mode = runner
         self.plan = plan
         self.settings = settings
         self.preload = tuple(preload)
@@ -523,7 +527,7 @@ class DaskExecutor(Executor):
         assert self.client is not None
         key = f"proctor-{job.iteration}.{job.attempt}-{secrets.token_hex(4)}"
         task = NodeTask(key, self.plan, files, job.config_text, job.seed, self.settings.scratch,
-                        self.preload, self._threads)
+                        self.preload, self._threads, self.runner_mode)
         attempt = run.attempt = self._attempts[key] = _Attempt(
             key, job, on_output, int(self.plan.limits.log_mb * 2**20))
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
