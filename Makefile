@@ -26,7 +26,8 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m ruff check engine tui models tests bench
-	$(BIN)/python -m pytest -q $(ARGS)
+	# two workers, a file per worker at a time: most tests wait on child processes
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/runner_overhead.py
