@@ -314,7 +314,7 @@ class Engine:
                 reason = self._stop_reason or self.failure
                 if reason is None and self._paused_reason() is None and len(tasks) < self.slots:
                     iteration = self._next_iteration(tasks)
-                    reason = self._stop_condition(iteration, len(tasks))
+                    reason = self._stop_condition(iteration)
                     if reason is None:
                         try:
                             tasks[iteration] = self._launch(iteration)
@@ -387,7 +387,7 @@ class Engine:
             if flight.iteration in tasks and flight.phase == "running":
                 await self.executor.stop(flight.slot)
 
-    def _stop_condition(self, iteration: int, in_flight: int = 0) -> str | None:
+    def _stop_condition(self, iteration: int) -> str | None:
         if self._stop_reason is not None:
             return self._stop_reason
         # a node a human asked for still runs after the last iteration
@@ -452,6 +452,7 @@ class Engine:
                 rejections.append(decision.reason)
                 repair = None
                 continue
+            flight.phase = "pending"
             await self._wait_while_paused()  # a pause holds an approved change too
             if self._stop_reason is not None:
                 return
