@@ -23,12 +23,12 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from engine import events as ev
 from engine.agent_view import AgentView
-from engine.agents.base import Agent, AgentPaused, InFlight, Repair
+from engine.agents.base import Agent, AgentPaused, Repair
 from engine.atomic import disk_full
 from engine.attempt import Attempt, Decision
 from engine.commits import NodeCommits
@@ -47,22 +47,12 @@ from engine.review import Review, waiting_reviews
 from engine.runner import Runner, RunResult, RunStatus, make_runner
 from engine.runner.sandbox import missing_layers
 from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package_of, reopen_run
+from engine.slots import Flight, Slots
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
 from engine.vcs import Lineage, VcsError
 from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
-
-
-@dataclass
-class Flight:
-    """One iteration in flight: the slot it holds, and its current attempt once proposed."""
-
-    iteration: int
-    slot: int
-    role: str | None
-    attempt: Attempt | None = None
-    phase: str = "proposing"  # proposing, review, pending, running
 
 
 class Engine:
@@ -106,10 +96,10 @@ class Engine:
         except ExecutorError as exc:
             raise EngineError(str(exc)) from None
         self.inbox = CommandInbox(self.journal, publish)
+        self.flights = Slots(self.executor.slots, self.exploration)
         self._stop_reason: str | None = None
         self._pause_reason: str | None = None  # held in memory too: a full disk may refuse it
         self._started_at = time.monotonic()
-        self._flights: dict[int, Flight] = {}
         self._reviewing: dict[str, Attempt] = {}  # proposal id -> the attempt awaiting it
         self._early: dict[str, ev.Approve | ev.Reject | ev.ApproveEdited] = {}
         self._tick = asyncio.Event()  # set (and replaced) after every command acted on
@@ -344,12 +334,10 @@ class Engine:
     def _launch(self, iteration: int) -> asyncio.Task[None]:
         """Journal the iteration's start now (numbers stay in journal order) and run it in
         the lowest free slot."""
-        busy = {flight.slot for flight in self._flights.values()}
-        slot = min(set(range(1, self.slots + 1)) - busy)
+        slot = self.flights.free()
         block = block_of(iteration, self.exploration.block_size)
         self.journal.append(iteration, Step.STARTED, {"block": block, "slot": slot})
-        flight = self._flights[iteration] = Flight(iteration, slot,
-                                                   self.exploration.slot_role(slot))
+        flight = self.flights.take(iteration, slot)
         return asyncio.create_task(self._fly(flight), name=f"iteration {iteration}")
 
     async def _fly(self, flight: Flight) -> None:
@@ -365,7 +353,7 @@ class Engine:
             self._pause(f"disk full while recording iteration {iteration} ({exc}); "
                         f"free some space, then `proctor resume {self.settings.name}`")
         finally:
-            self._flights.pop(iteration, None)
+            self.flights.release(iteration)
 
     async def _wait_for_change(self, tasks: dict[int, asyncio.Task[None]]) -> None:
         """Until an iteration ends or a command was acted on; a stopping run re-sends its
@@ -383,7 +371,7 @@ class Engine:
             await self._stop_runs(tasks)
 
     async def _stop_runs(self, tasks: dict[int, asyncio.Task[None]]) -> None:
-        for flight in list(self._flights.values()):
+        for flight in list(self.flights):
             if flight.iteration in tasks and flight.phase == "running":
                 await self.executor.stop(flight.slot)
 
@@ -391,7 +379,7 @@ class Engine:
         if self._stop_reason is not None:
             return self._stop_reason
         # a node a human asked for still runs after the last iteration
-        beyond = sum(1 for i in self._flights if i > self.settings.iterations)
+        beyond = self.flights.beyond(self.settings.iterations)
         if iteration > self.settings.iterations and len(self.state.human_queue) <= beyond:
             return f"completed {self.settings.iterations} iterations"
         hours = self.exploration.max_wall_hours
@@ -538,7 +526,7 @@ class Engine:
             return Attempt(iteration, number, proposal, human)
         context = self.view.context(iteration, number, repair, rejections, slot=flight.slot,
                                     slots=self.slots, role=flight.role,
-                                    in_flight=self._in_flight(flight))
+                                    in_flight=self.flights.others(flight))
         try:
             reply = await self.agent.propose(context)
         except AgentPaused as exc:  # spend limit, budget cap, API unreachable: wait for a human
@@ -558,21 +546,6 @@ class Engine:
             self.publish(ev.AgentCost(iteration, reply.cost_usd, total or reply.cost_usd))
         self.records.flush_analysis(next_parent=proposal.parent_id, analysis=proposal.analysis)
         return Attempt(iteration, number, proposal, None)
-
-    def _in_flight(self, asking: Flight) -> tuple[InFlight, ...]:
-        """The other slots' proposals that have not finished, for the agent's context."""
-        others = []
-        for flight in sorted(self._flights.values(), key=lambda f: f.iteration):
-            attempt = flight.attempt
-            if flight is asking or attempt is None:
-                continue
-            proposal = attempt.proposal
-            code = proposal.code_change.change if proposal.code_change is not None else \
-                ((proposal.mutation or "code edits") if proposal.edits else None)
-            others.append(InFlight(flight.iteration, flight.slot, proposal.parent_id,
-                                   proposal.mutation, dict(proposal.config_changes), code,
-                                   flight.phase, flight.role))
-        return tuple(others)
 
     def _files_at(self, node_id: int | None) -> dict[str, str]:
         return self.code.files_at_commit(self.tree.commit_of(node_id, self.lineage.base))
