@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -306,17 +306,8 @@ class Engine:
                     iteration = self._next_iteration(tasks)
                     reason = self._stop_condition(iteration)
                     if reason is None:
-                        try:
+                        with self._journal_faults(f"starting iteration {iteration}"):
                             tasks[iteration] = self._launch(iteration)
-                        except JournalLost as exc:
-                            self.failure = str(exc)
-                            self.publish(ev.EngineError(self.failure))
-                        except (OSError, sqlite3.Error) as exc:
-                            if not disk_full(exc):
-                                raise
-                            self._pause(f"disk full while starting iteration {iteration} "
-                                        f"({exc}); free some space, then "
-                                        f"`proctor resume {self.settings.name}`")
                         continue
                 if not tasks and (reason is not None or self._stop_reason is not None):
                     return self._stop_reason or self.failure or reason or "stopped"
@@ -341,19 +332,26 @@ class Engine:
         return asyncio.create_task(self._fly(flight), name=f"iteration {iteration}")
 
     async def _fly(self, flight: Flight) -> None:
-        iteration = flight.iteration
         try:
-            await self._iteration(flight)
+            with self._journal_faults(f"recording iteration {flight.iteration}"):
+                await self._iteration(flight)
+        finally:
+            self.flights.release(flight.iteration)
+
+    @contextlib.contextmanager
+    def _journal_faults(self, doing: str) -> Iterator[None]:
+        """A lost journal ends the run; a full disk pauses it until a human frees space
+        (the iteration is re-entered then, never skipped)."""
+        try:
+            yield
         except JournalLost as exc:
             self.failure = str(exc)
             self.publish(ev.EngineError(self.failure))
         except (OSError, sqlite3.Error) as exc:
             if not disk_full(exc):
                 raise
-            self._pause(f"disk full while recording iteration {iteration} ({exc}); "
-                        f"free some space, then `proctor resume {self.settings.name}`")
-        finally:
-            self.flights.release(iteration)
+            self._pause(f"disk full while {doing} ({exc}); free some space, then "
+                        f"`proctor resume {self.settings.name}`")
 
     async def _wait_for_change(self, tasks: dict[int, asyncio.Task[None]]) -> None:
         """Until an iteration ends or a command was acted on; a stopping run re-sends its

@@ -35,6 +35,22 @@ def progress_label(state: RunState | SlotRun) -> Text:
     return Text(f"training {state.step}/{state.steps} steps")
 
 
+def _node_lines(node_id: int | None, parent_id: int | None, strategy: str | None,
+                mutation: str | None, hypothesis: str | None) -> Text:
+    """`node 7 ← parent 3 · strategy ...`, then its mutation and hypothesis (agents' text:
+    plain, never markup)."""
+    parent = "root" if parent_id is None else str(parent_id)
+    lines = Text(f"node {node_id if node_id is not None else '–'} ← parent {parent} "
+                 "· strategy ")
+    lines.append_text(plain(strategy or "–"))
+    lines.append("\nmutation   ", "dim")
+    lines.append_text(plain(mutation or "–"))
+    lines.append("\nhypothesis ", "dim")
+    lines.append_text(plain(hypothesis or "–"))
+    lines.append("\n")
+    return lines
+
+
 def slot_role(snapshot: RunSnapshot | None, slot: int) -> str | None:
     """What `slot` is asked for (`exploration.slot_roles`, cycled over the slots as the
     engine assigns them); None when the config names no roles."""
@@ -129,15 +145,8 @@ class RunView(Vertical):
         lines = Text()
         lines.append(f"iteration {state.iteration}/{total}", "bold")
         lines.append(f" · block {state.block} · {state.phase}\n")
-        parent = "root" if state.parent_id is None else str(state.parent_id)
-        node = f"node {state.node_id}" if state.node_id is not None else "node –"
-        lines.append(f"{node} ← parent {parent} · strategy ")
-        lines.append_text(plain(state.strategy or "–"))
-        lines.append("\nmutation   ", "dim")
-        lines.append_text(plain(state.mutation or "–"))
-        lines.append("\nhypothesis ", "dim")
-        lines.append_text(plain(state.hypothesis or "–"))
-        lines.append("\n")
+        lines.append_text(_node_lines(state.node_id, state.parent_id, state.strategy,
+                                      state.mutation, state.hypothesis))
         lines.append_text(_best(state, snapshot, state.last_r2))
         self.query_one("#run-info", Static).update(lines)
         self._show_progress(state)
@@ -163,14 +172,9 @@ class RunView(Vertical):
             lines.append(" · ")
             lines.append_text(progress_label(run) if run.running else
                               Text(f"node {run.node_id} {run.status}"))
-            parent = "root" if run.parent_id is None else str(run.parent_id)
-            lines.append(f"\nnode {run.node_id} ← parent {parent} · strategy ")
-            lines.append_text(plain(run.strategy or "–"))
-            lines.append("\nmutation   ", "dim")
-            lines.append_text(plain(run.mutation or "–"))
-            lines.append("\nhypothesis ", "dim")
-            lines.append_text(plain(run.hypothesis or "–"))
             lines.append("\n")
+            lines.append_text(_node_lines(run.node_id, run.parent_id, run.strategy,
+                                          run.mutation, run.hypothesis))
         lines.append_text(_best(state, snapshot, run.r2 if run is not None else None))
         self.query_one("#run-info", Static).update(lines)
         shown = run if run is not None and held is None else None
