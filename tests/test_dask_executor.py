@@ -20,6 +20,7 @@ import psutil
 import pytest
 import pytest_asyncio
 import yaml
+from distributed import Client
 
 from engine.config import DaskSettings, Limits, Timeouts
 from engine.evaluation import EvaluationPlan
@@ -37,6 +38,7 @@ import argparse, json, os, sys, time
 from pathlib import Path
 
 import yaml
+from distributed import Client
 
 
 def report(metrics):
@@ -152,12 +154,22 @@ async def another_run(executor: DaskExecutor, scratch: str | None = None, **chan
     that has `changes`."""
     other = DaskExecutor(executor.slots, replace(executor.plan, **changes),
                          DaskSettings(scheduler=executor.address, scratch=scratch),
-                         preload=executor.preload)
+                         preload=executor.preload, security=executor.security)
     await other.start()
     try:
         yield other
     finally:
         await other.aclose()
+
+
+def client_tls(executor: DaskExecutor) -> dict[str, str]:
+    """The Dask config, as environment variables, of a client holding the local cluster's
+    own certificate (the engine's key files, in its private folder)."""
+    folder = Path(executor._logs)
+    return {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(folder / "ca.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(folder / "worker.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(folder / "worker.key")}
 
 
 async def worker_pids(executor: DaskExecutor) -> dict[str, int]:
@@ -279,7 +291,8 @@ async def test_reclaim_stops_and_cancels_a_task_by_its_record(executor, tmp_path
     await watch.until(lambda: watch.lines, "the orphan's first lines")
     record = watch.placements[-1].record
     # a resumed engine: its own executor, connected to the scheduler the record names
-    resumed = DaskExecutor(1, executor.plan, DaskSettings(scheduler=executor.address))
+    resumed = DaskExecutor(1, executor.plan, DaskSettings(scheduler=executor.address),
+                           security=executor.security)
     await resumed.start()
     try:
         said = await resumed.reclaim(record)
@@ -341,7 +354,8 @@ async def until_not_running(executor: DaskExecutor, key: str, timeout: float = 3
 async def test_the_run_of_a_killed_engine_ends_on_its_worker(executor, tmp_path):
     engine = subprocess.Popen(
         [sys.executable, "-c", ABANDONING_ENGINE, str(ROOT / "tests"), executor.address,
-         str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+         str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, **client_tls(executor)})
     try:
         line = await asyncio.wait_for(asyncio.to_thread(engine.stdout.readline), 60)
         record = json.loads(line)
@@ -466,3 +480,24 @@ def test_the_engine_imports_no_dask_until_a_config_asks_for_it():
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
 
+
+
+@on_the_cluster
+async def test_the_local_cluster_listens_on_loopback_and_takes_no_one_without_its_key(
+        executor):
+    """Another user of the machine must not reach the scheduler (it runs in the engine, with
+    the API key in its environment) nor make a worker run anything."""
+    assert executor.address.startswith("tls://127.0.0.1:")
+    pids = await worker_pids(executor)
+    workers = list(pids)
+    assert len(workers) == 2 and all(a.startswith("tls://127.0.0.1:") for a in workers)
+    for pid in pids.values():
+        process = psutil.Process(pid)
+        listening = [c.laddr.ip for proc in (process, process.parent())
+                     for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and set(listening) == {"127.0.0.1"}
+    for address in (executor.address, executor.address.replace("tls://", "tcp://"),
+                    *workers):
+        with pytest.raises(Exception):  # noqa: B017 - refused however it is put
+            await asyncio.wait_for(Client(address, asynchronous=True, timeout=3,
+                                          set_as_default=False), 10)

@@ -44,6 +44,7 @@ from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.core import Status
 from distributed.deploy.subprocess import SubprocessWorker
 from distributed.scheduler import KilledWorker
+from distributed.security import Security
 from distributed.utils import silence_logging_cmgr
 
 from engine.atomic import write_atomic
@@ -334,22 +335,43 @@ class _SecretFreeWorker(SubprocessWorker):
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
 
 
-def local_cluster_spec(slots: int, log_folder: str | None,
+def local_cluster_spec(slots: int, log_folder: str, security: Security,
                        gpus: list[str] | None = None) -> tuple[dict, dict]:
-    """The scheduler (in this process) and `slots` one-thread workers of `scheduler: local`;
-    on a machine with several GPUs each worker sees its own."""
+    """The scheduler (in this process) and `slots` one-thread workers of `scheduler: local`,
+    all on loopback and speaking mutual TLS with the run's own certificate (`local_security`):
+    another user of the machine can neither connect nor make them run anything. On a
+    machine with several GPUs each worker sees its own."""
     gpus = visible_gpus() if gpus is None else gpus
     # its HTTP server (health, metrics) on a free port: two runs on one box must not collide
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0,
+                                               "protocol": "tls://", "security": security,
                                                "dashboard": False,
                                                "dashboard_address": "127.0.0.1:0"}}
+    tls = _tls_environment(security, Path(log_folder))
     workers = {}
     for index in range(slots):
         env = {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus and slots > 1 else {}
         workers[f"proctor-{index + 1}"] = {"cls": _SecretFreeWorker, "options": {
-            "worker_kwargs": {"nthreads": 1, "memory_limit": 0, "death_timeout": 30},
-            "env": env, "log_folder": log_folder}}
+            "worker_kwargs": {"nthreads": 1, "memory_limit": 0, "death_timeout": 30,
+                              "host": "127.0.0.1", "protocol": "tls://",
+                              "dashboard_address": "127.0.0.1:0"},
+            "env": {**tls, **env}, "log_folder": log_folder}}
     return scheduler, workers
+
+
+def _tls_environment(security: Security, folder: Path) -> dict[str, str]:
+    """The Dask config, as environment variables, that gives a worker subprocess the run's
+    certificate: PEM files in the run's private (0700) folder, readable by this user only."""
+    files = {"ca.pem": security.tls_ca_file, "worker.pem": security.tls_worker_cert,
+             "worker.key": security.tls_worker_key}
+    for name, text in files.items():
+        path = folder / name
+        path.touch(mode=0o600)
+        path.write_text(text, encoding="utf-8")
+    return {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(folder / "ca.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT": str(folder / "worker.pem"),
+            "DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY": str(folder / "worker.key")}
 
 
 @dataclass
@@ -395,7 +417,8 @@ class DaskExecutor(Executor):
     kind = "dask"
 
     def __init__(self, slots: int, plan: EvaluationPlan, settings: DaskSettings, *,
-                 preload: tuple[str, ...] = DEFAULT_PRELOAD, runner: str = "zygote"):
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, runner: str = "zygote",
+                 security: Security | None = None):
         super().__init__(slots)
         self.runner_mode = runner
         self.plan = plan
@@ -405,7 +428,9 @@ class DaskExecutor(Executor):
         self.cluster: Any = None  # the cluster we started: LocalCluster-like or jobqueue
         self.address: str | None = None
         self._threads: int | None = None
-        self._logs: str | None = None  # the local workers' own logs
+        self._logs: str | None = None  # the local workers' own logs and TLS keys
+        # how to reach a TLS scheduler (None: Dask's config); `scheduler: local` makes its own
+        self.security = security
         self._runs: dict[int, _SlotRun] = {}
         self._attempts: dict[str, _Attempt] = {}
         self._quiet = contextlib.ExitStack()
@@ -431,11 +456,12 @@ class DaskExecutor(Executor):
             self._threads = settings.cluster.cores
             target: Any = self.cluster
         elif settings.scheduler == "local":
-            self._logs = tempfile.mkdtemp(prefix="proctor-dask-")
-            scheduler, workers = local_cluster_spec(self.slots, self._logs)
+            self._logs = tempfile.mkdtemp(prefix="proctor-dask-")  # 0700: its keys too
+            security = self.security = Security.temporary()
+            scheduler, workers = local_cluster_spec(self.slots, self._logs, security)
             self.cluster = await SpecCluster(workers=workers, scheduler=scheduler,
                                              asynchronous=True, silence_logs=False,
-                                             name="proctor")
+                                             name="proctor", security=security)
             self._threads = max(1, (os.cpu_count() or 1) // self.slots)
             target = self.cluster
         elif settings.scheduler is not None:
@@ -444,7 +470,8 @@ class DaskExecutor(Executor):
             raise ExecutorError("executor dask needs dask.scheduler (an address, or local) "
                                 "or dask.cluster (slurm, lsf or pbs)")
         self.client = await Client(target, asynchronous=True, set_as_default=False,
-                                   timeout=settings.connect_timeout_s)
+                                   timeout=settings.connect_timeout_s,
+                                   security=self.security)
         self.address = self.client.scheduler.address
         self.client.subscribe_topic(TOPIC, self._on_event)
         if settings.scheduler == "local":
@@ -679,7 +706,7 @@ class DaskExecutor(Executor):
             if not own and await _refused(scheduler):
                 raise ConnectionRefusedError(scheduler)
             client = self.client if own else await Client(
-                scheduler, asynchronous=True, set_as_default=False,
+                scheduler, asynchronous=True, set_as_default=False, security=self.security,
                 timeout=min(self.settings.connect_timeout_s, _RECLAIM_CONNECT_S))
         except Exception:
             return (f"the Dask scheduler {scheduler} of task {key} cannot be reached (it may "
