@@ -175,6 +175,17 @@ class JobQueueCluster(_Strict):
     adaptive_minimum: Annotated[CountFromZero, Field(le=10_000)] = 0
     adaptive_maximum: Annotated[Count, Field(le=10_000)] = 4
 
+    @field_validator("queue", "account", "memory", "walltime", "python", "interface",
+                     "local_directory", "job_extra_directives", "job_script_prologue")
+    @classmethod
+    def _one_line_each(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """Each value becomes one line of a batch script: a line break would add its own."""
+        for text in [value] if isinstance(value, str) else value or []:
+            if any(ord(char) < 32 or ord(char) == 127 for char in text):
+                raise ValueError("must be one line of text (no line breaks or control "
+                                 "characters: each becomes one line of the job script)")
+        return value
+
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str) -> str:
@@ -223,7 +234,7 @@ class ExecutorSettings(_Strict):
     kind: Literal["local", "dask"] = "local"
     # local: the device each slot trains on, e.g. [cuda:0, cuda:1]; empty: one visible GPU per
     # slot when this machine has GPUs, else the config's training.device
-    devices: list[str] = []
+    devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda|cuda:\d{1,3})$")]] = []
     dask: DaskSettings = DaskSettings()
 
     @model_validator(mode="after")
@@ -253,6 +264,13 @@ class Exploration(_Strict):
     # what each slot is asked for, slot 1 first (the original's parallel mode); empty: any
     slot_roles: list[Literal["exploit", "exploit_second", "explore", "challenge"]] = []
     executor: ExecutorSettings = ExecutorSettings()
+
+    @model_validator(mode="after")
+    def _a_role_per_slot_at_most(self) -> Exploration:
+        if len(self.slot_roles) > self.parallel:
+            raise ValueError(f"slot_roles names {len(self.slot_roles)} roles for "
+                             f"{self.parallel} slot(s) (parallel): one role per slot at most")
+        return self
     runner: Literal["zygote", "subprocess"] = "zygote"
     repair_attempts: Annotated[CountFromZero, Field(le=10)] = 2
     # uncommitted changes to editable files at run start: refuse (with instructions) or

@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 from pathlib import Path
 
+import pytest
 import yaml
 
 from engine.config import Limits, Timeouts
 from engine.evaluation import EvaluationPlan
-from engine.executors import LocalExecutor, NodeJob, Placement
+from engine.executors import (
+    ExecutorError,
+    LocalExecutor,
+    NodeJob,
+    Placement,
+    check_devices,
+    check_reachable,
+)
 from engine.executors.local import slot_devices, visible_gpus
 from engine.runner import RunStatus, make_runner
 
@@ -98,3 +107,25 @@ async def test_stopping_one_slot_leaves_the_other_running(tmp_path):
         await executor.aclose()
     assert stopped.status is RunStatus.STOPPED
     assert other.status is RunStatus.OK
+
+
+def test_a_slot_pinned_to_a_gpu_this_machine_lacks_is_refused_before_anything_runs():
+    with pytest.raises(ExecutorError, match="names cuda:7, but this machine shows no GPU"):
+        check_devices(["cpu", "cuda:7"], [])
+    with pytest.raises(ExecutorError, match="shows GPUs 0, 1"):
+        check_devices(["cuda:2"], ["0", "1"])
+    check_devices(["cuda:1", "cpu"], ["0", "1"])  # a GPU it has: fine
+
+
+def test_a_scheduler_address_that_is_none_or_unreachable_is_one_line_at_once(tmp_path):
+    with pytest.raises(ExecutorError, match="is not a scheduler address"):
+        check_reachable("not a url")
+    with socket.socket() as idle:  # a port nothing listens on
+        idle.bind(("127.0.0.1", 0))
+        port = idle.getsockname()[1]
+    with pytest.raises(ExecutorError, match=f"cannot reach the Dask scheduler .*:{port}"):
+        check_reachable(f"tcp://127.0.0.1:{port}")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"tls://127.0.0.1:{listening.getsockname()[1]}")
