@@ -106,9 +106,23 @@ def test_duplicate_key_is_refused(tmp_path):
             "exploration:\n  anthropic:\n    max_retries: 1000000\n",
             ":3: exploration.anthropic.max_retries: Input should be less than or equal to 20",
         ),
+        (
+            "exploration:\n  parallel: 2\n  slot_roles: [exploit, explore, challenge]\n",
+            "slot_roles names 3 roles for 2 slot",
+        ),
+        (
+            "exploration:\n  executor:\n    kind: dask\n    dask:\n      cluster:\n"
+            "        system: slurm\n        queue: \"gpu\\n#SBATCH --uid=0\"\n",
+            "queue: .*must be one line of text",
+        ),
+        (
+            "exploration:\n  executor:\n    devices: [\"tpu:0; rm -rf /\"]\n",
+            "exploration.executor.devices.0: String should match pattern",
+        ),
     ],
     ids=["unknown-search-key", "log-range-from-0", "iterations", "iterations-float",
-         "wall-seconds", "retries"],
+         "wall-seconds", "retries", "roles-beyond-slots", "job-script-line-break",
+         "device-name"],
 )
 def test_bad_exploration_values_are_explained(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
