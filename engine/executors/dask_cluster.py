@@ -45,7 +45,6 @@ from distributed.core import Status
 from distributed.deploy.subprocess import SubprocessWorker
 from distributed.scheduler import KilledWorker
 from distributed.security import Security
-from distributed.utils import silence_logging_cmgr
 
 from engine.atomic import write_atomic
 from engine.config import DaskSettings
@@ -296,17 +295,17 @@ def _result(status: RunStatus, error: str, warnings: tuple[str, ...] = ()) -> Ru
 # ----------------------------------------------------------------------------- the engine's side
 
 
-@contextlib.contextmanager
-def quiet_dask() -> Iterator[None]:
+def quiet_dask() -> None:
     """Keep Dask's logging (and tornado's reports of its failed callbacks, e.g. a refused
-    job submission) off the engine's terminal: what matters reaches a run's result."""
+    job submission) off the engine's terminal for the rest of the process: what matters
+    reaches a run's result, and a closing cluster's last complaints come after the run's
+    final line."""
     tornado = logging.getLogger("tornado.application")
-    tornado.addFilter(_drop)
-    try:
-        with silence_logging_cmgr(logging.CRITICAL):
-            yield
-    finally:
-        tornado.removeFilter(_drop)
+    if _drop not in tornado.filters:
+        tornado.addFilter(_drop)
+    for handler in logging.getLogger("distributed").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.CRITICAL)
 
 
 def _drop(record: logging.LogRecord) -> bool:
@@ -433,11 +432,10 @@ class DaskExecutor(Executor):
         self.security = security
         self._runs: dict[int, _SlotRun] = {}
         self._attempts: dict[str, _Attempt] = {}
-        self._quiet = contextlib.ExitStack()
 
     # -- starting and closing
     async def start(self) -> None:
-        self._quiet.enter_context(quiet_dask())
+        quiet_dask()
         try:
             await self._start()
         except ExecutorError:
@@ -510,7 +508,6 @@ class DaskExecutor(Executor):
         if self._logs is not None:
             shutil.rmtree(self._logs, ignore_errors=True)
             self._logs = None
-        self._quiet.close()
 
     def describe(self, slot: int) -> str:
         return f"dask slot {slot}" + (f" ({self.address})" if self.address else "")
