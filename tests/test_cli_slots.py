@@ -83,6 +83,10 @@ def test_a_decision_without_proposal_while_two_wait_sends_nothing_and_names_each
     assert reject.returncode == 2
     assert f"    proctor reject s1 --proposal {SECOND.proposal_id} --reason 'too risky'" in \
         reject.stderr.splitlines()
+    long = proctor("reject", "s1", "--reason", "x" * 100_000, cwd=project)
+    assert long.returncode == 2 and "x" * 201 not in long.stderr  # the command, not the essay
+    assert f"    proctor reject s1 --proposal {SECOND.proposal_id} --reason TEXT" in \
+        long.stderr.splitlines()
     unknown = proctor("approve", "s1", "--proposal", "3.0-0000000000", cwd=project)
     assert unknown.returncode == 2
     assert "proposal 3.0-0000000000 does not wait for review:" in unknown.stderr

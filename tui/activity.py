@@ -154,12 +154,17 @@ class RunActivity:
                 "in_flight": [flight.to_dict() for flight in self.in_flight]}
 
 
+_ECHOED_REASON = 200  # characters of a reason a suggested command repeats
+
+
 def decide_command(run: str, review: Review, *, approve: bool, reason: str = "") -> str:
     """The command line that approves (or rejects, with `reason`) `review` and no other."""
     pick = f"proctor {'approve' if approve else 'reject'} {run} --proposal {review.proposal_id}"
     if approve:
         return pick
-    return f"{pick} --reason {shlex.quote(reason) if reason else 'TEXT'}"
+    # a long reason is the user's own text: echoing it whole would bury the command
+    text = shlex.quote(reason) if reason and len(reason) <= _ECHOED_REASON else "TEXT"
+    return f"{pick} --reason {text}"
 
 
 def read_activity(reader: RunReader) -> RunActivity:
