@@ -91,6 +91,11 @@ def main() -> int:
     if not args.no_dask and importlib.util.find_spec("distributed") is not None:
         executors.append("dask")
     rows: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="proctor-bench-slots-") as folder:
+        root = Path(folder)  # one unmeasured exploration: the first pays for cold caches
+        config_path = make_project(root, 1, "local", 2, args.steps)
+        warm_cache(config_path, root)
+        asyncio.run(one_exploration(config_path, root, 2))
     for executor in executors:
         for slots in (1, 2):
             with tempfile.TemporaryDirectory(prefix="proctor-bench-slots-") as folder:

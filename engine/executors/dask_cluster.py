@@ -53,6 +53,7 @@ from engine.executors.base import Executor, ExecutorError, NodeJob, PlacedCallba
 from engine.executors.local import visible_gpus
 from engine.runner import OutputCallback, Runner, RunResult, RunStatus, make_runner
 from engine.runner.isolation import is_secret_name
+from engine.runner.runner import SCRATCH_PREFIX
 from engine.runner.zygote import DEFAULT_PRELOAD
 
 TOPIC = "proctor-runs"  # one event topic for every run's messages: the scheduler keeps it bounded
@@ -454,7 +455,9 @@ class DaskExecutor(Executor):
             self._threads = settings.cluster.cores
             target: Any = self.cluster
         elif settings.scheduler == "local":
-            self._logs = tempfile.mkdtemp(prefix="proctor-dask-")  # 0700: its keys too
+            # 0700, its keys too; named after this process, so a run's cleanup of scratch
+            # left by killed engines removes it once this one is gone
+            self._logs = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}dask-{os.getpid()}-")
             security = self.security = Security.temporary()
             scheduler, workers = local_cluster_spec(self.slots, self._logs, security)
             self.cluster = await SpecCluster(workers=workers, scheduler=scheduler,
