@@ -60,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     on_run["resume"].add_argument("--iterations", type=_iteration_count,
                                   help="raise the iteration count")
     on_run["resume"].add_argument("--log", action="store_true", help="echo the training logs")
-    on_run["status"].add_argument("--json", action="store_true", help="machine-readable fields")
+    for name in ("status", "stats"):
+        on_run[name].add_argument("--json", action="store_true", help="machine-readable fields")
     on_run["reject"].add_argument("--reason", required=True, help="why (the agent reads it)")
     for name in ("approve", "reject"):
         on_run[name].add_argument(
@@ -98,6 +99,11 @@ RUN_COMMANDS: dict[str, tuple[str, str | None]] = {
     "approve": ("approve the proposal a run is waiting on (--proposal when several wait)",
                 None),
     "reject": ("reject the proposal a run is waiting on (--proposal when several wait)", None),
+    "stats": ("print which changes paid off in a run (code vs config, kinds, cost)",
+              "Modification metrics computed from the run's journal: the code-change success "
+              "rate, the mean R² gain of code and of config changes, the most effective kinds "
+              "of change (count × mean gain), R² gained per hour of training and agent cost "
+              "per point of R²."),
     "stop": ("stop a run cleanly (it can be resumed)", None),
     "revert": (
         "add a node that undoes NODE's change",
@@ -179,6 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "resume": lambda: commands.resume(args.run, iterations=args.iterations,
                                           echo_log=args.log),
         "status": lambda: commands.status(args.run, as_json=args.json),
+        "stats": lambda: commands.stats(args.run, as_json=args.json),
         "revert": lambda: commands.revert(args.run, args.node),
         "stop": lambda: commands.stop(args.run),
     }

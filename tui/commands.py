@@ -376,6 +376,55 @@ def open_run(folder: Path):
         raise UsageError(str(exc)) from None
 
 
+def stats(run: str, *, as_json: bool) -> int:
+    """Which changes paid off in the run (`engine.stats`)."""
+    from engine.journal import Journal, JournalError
+    from engine.stats import run_stats
+
+    try:
+        journal = Journal.open_for_client(find_run(run))
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
+    with journal:
+        figures = run_stats(journal)
+    if as_json:
+        print(json.dumps(figures.to_dict()))
+        return 0
+    say(f"run {run}: {figures.nodes} nodes, {figures.code_changes} code changes, "
+        f"{figures.config_changes} config changes")
+    if figures.code_changes:
+        say(f"  code changes: {figures.code_ran_cleanly} ran cleanly, "
+            f"{figures.code_beat_parent} beat their parent "
+            f"({_percent(figures.code_success_rate)})")
+    say(f"  mean R2 gain over the parent: code {_signed(figures.mean_gain_code)}, "
+        f"config {_signed(figures.mean_gain_config)}")
+    say(f"  training {figures.training_hours * 60:.1f} min; best R2 "
+        f"{_plain(figures.best_r2)}, {_signed(figures.r2_gained)} over the first node; "
+        f"{_plain(figures.r2_points_per_hour, 1)} points of R2 per hour")
+    cost = f"${figures.agent_cost_usd:.2f}"
+    per_point = f", ${figures.usd_per_r2_point:.3f} per point of R2" \
+        if figures.usd_per_r2_point is not None else ""
+    say(f"  agent cost {cost}{per_point}")
+    if figures.kinds:
+        say(f"{'count':>5} {'mean gain':>10} {'total':>8}  change")
+        for kind in figures.kinds:
+            say(f"{kind.count:>5} {kind.mean_gain:>+10.4f} {kind.total_gain:>+8.4f}  "
+                f"{kind.kind}")
+    return 0
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.4f}"
+
+
+def _plain(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def status(run: str, *, as_json: bool) -> int:
     """What the run is doing (its engine, a pause, every waiting review with its commands,
     what is in flight in which slot and where) and its node table."""
