@@ -68,6 +68,8 @@ class RunEvent(StrEnum):
     RESUMED = "resumed"
     STOPPED = "stopped"
     AGENT_EXCHANGE = "agent_exchange"
+    AB_RUN = "ab_run"  # one arm of one seed of an A/B test ended (engine.ab_runs)
+    AB_RESULT = "ab_result"  # an A/B test's comparison, with its node
 
 
 _STEP_ORDER = {step.value: index for index, step in enumerate(Step)}

@@ -16,6 +16,7 @@ HUMAN_QUEUE = "human_queue"
 STALE_PROPOSAL = "stale_proposal"
 POLICY_VIOLATIONS = "policy_violations"
 SANDBOX_MISSING = "sandbox_missing"
+NOISE_FLOOR = "noise_floor"  # the spread of R² over seeds of one config (engine.ab)
 SLOTS = "slots"  # where each slot runs, as the engine's executor describes it
 DO_NOT_RETRY = "do_not_retry"
 UNLOGGED = "unlogged"
@@ -118,6 +119,16 @@ class RunState:
     @sandbox_missing.setter
     def sandbox_missing(self, layers: tuple[str, ...]) -> None:
         self.journal.set_state(SANDBOX_MISSING, list(layers))
+
+    @property
+    def noise_floor(self) -> float | None:
+        """The run's noise floor, once an A/B test measured it."""
+        value = self.journal.state(NOISE_FLOOR)
+        return float(value) if isinstance(value, int | float) else None
+
+    @noise_floor.setter
+    def noise_floor(self, value: float | None) -> None:
+        self.journal.set_state(NOISE_FLOOR, value)
 
     @property
     def slots(self) -> tuple[str, ...]:

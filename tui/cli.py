@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "--proposal", help="the proposal id `proctor status` shows (refused when another "
             "one waits)")
     on_run["revert"].add_argument("node", type=_positive_int, help="the node to revert")
+    on_run["ab"].add_argument("node", type=_positive_int, help="the code node to test")
+    on_run["ab"].add_argument("--seeds", type=_seed_count, default=3,
+                              help="paired seeds, 2 to 50 (default 3)")
     jobscript = commands.add_parser(
         "jobscript", help="print the batch job script a Dask cluster config submits",
         description="Print the batch script (Slurm, LSF or PBS) that each Dask worker job of "
@@ -104,6 +107,12 @@ RUN_COMMANDS: dict[str, tuple[str, str | None]] = {
               "rate, the mean R² gain of code and of config changes, the most effective kinds "
               "of change (count × mean gain), R² gained per hour of training and agent cost "
               "per point of R²."),
+    "ab": ("A/B-test a code change: its code against its parent's over paired seeds",
+           "Train the parent's code and NODE's code under NODE's config with training.seed "
+           "1..K, through the same sandboxed steps as any node, and report the mean R² gain "
+           "with its 95% interval, whether it exceeds the run's noise floor, and a verdict "
+           "(helped, no effect, hurt). Each arm is journaled as it ends: run it again after "
+           "a crash and it goes on. The run's engine must not be running."),
     "stop": ("stop a run cleanly (it can be resumed)", None),
     "revert": (
         "add a node that undoes NODE's change",
@@ -127,6 +136,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seed_count(text: str) -> int:
+    value = _positive_int(text)
+    if not 2 <= value <= 50:
+        raise argparse.ArgumentTypeError(f"{value} seeds: an A/B test takes 2 to 50")
     return value
 
 
@@ -187,6 +203,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "status": lambda: commands.status(args.run, as_json=args.json),
         "stats": lambda: commands.stats(args.run, as_json=args.json),
         "revert": lambda: commands.revert(args.run, args.node),
+        "ab": lambda: commands.ab(args.run, args.node, args.seeds),
         "stop": lambda: commands.stop(args.run),
     }
     return handlers[args.command]()

@@ -376,6 +376,24 @@ def open_run(folder: Path):
         raise UsageError(str(exc)) from None
 
 
+def ab(run: str, node: int, seeds: int) -> int:
+    """A/B-test node `node`'s code change against its parent's over `seeds` paired seeds."""
+    from engine.ab_runs import run_ab
+    from engine.journal import JournalError, RunLockedError
+    from engine.runs import EngineError
+
+    folder = find_run(run)
+    try:
+        comparison = asyncio.run(run_ab(folder, node, seeds, say))
+    except RunLockedError:
+        raise UsageError(f"an engine drives run {run}: stop it (`proctor stop {run}`) for the "
+                         "A/B test, then resume it") from None
+    except (EngineError, JournalError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    say(f"node {node}: {comparison.summary()}")
+    return 0
+
+
 def stats(run: str, *, as_json: bool) -> int:
     """Which changes paid off in the run (`engine.stats`)."""
     from engine.journal import Journal, JournalError
