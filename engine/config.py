@@ -266,6 +266,12 @@ class Exploration(_Strict):
     executor: ExecutorSettings = ExecutorSettings()
 
     @model_validator(mode="after")
+    def _ab_needs_two_seeds(self) -> Exploration:
+        if self.ab_seeds == 1:
+            raise ValueError("ab_seeds: an A/B test needs 2 or more seeds (0 switches it off)")
+        return self
+
+    @model_validator(mode="after")
     def _a_role_per_slot_at_most(self) -> Exploration:
         if len(self.slot_roles) > self.parallel:
             raise ValueError(f"slot_roles names {len(self.slot_roles)} roles for "
@@ -273,6 +279,9 @@ class Exploration(_Strict):
         return self
     runner: Literal["zygote", "subprocess"] = "zygote"
     repair_attempts: Annotated[CountFromZero, Field(le=10)] = 2
+    # A/B-test every code change that beats its parent over this many paired seeds before it
+    # may become a parent (0: off; see `proctor ab`)
+    ab_seeds: Annotated[CountFromZero, Field(le=50)] = 0
     # uncommitted changes to editable files at run start: refuse (with instructions) or
     # adopt them as a first "pre-existing changes" node
     dirty: Literal["adopt", "refuse"] = "refuse"

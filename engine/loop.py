@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine import events as ev
+from engine.ab_runs import ABStopped, ABTest, ab_results
 from engine.agent_view import AgentView
 from engine.agents.base import Agent, AgentPaused, Repair
 from engine.atomic import disk_full
@@ -110,6 +111,8 @@ class Engine:
         self.failure: str | None = None  # why the run ended in error (its journal was lost)
         for node in nodes_from_journal(self.journal):
             self.tree.add(node)
+        self.tree.withheld.update(node_id for node_id, result in ab_results(self.journal).items()
+                                  if result.verdict != "helped")
 
     @classmethod
     def create(cls, project_root: Path, config: ExperimentConfig, settings: RunSettings,
@@ -370,7 +373,7 @@ class Engine:
 
     async def _stop_runs(self, tasks: dict[int, asyncio.Task[None]]) -> None:
         for flight in list(self.flights):
-            if flight.iteration in tasks and flight.phase == "running":
+            if flight.iteration in tasks and flight.phase in ("running", "ab"):
                 await self.executor.stop(flight.slot)
 
     def _stop_condition(self, iteration: int) -> str | None:
@@ -458,8 +461,39 @@ class Engine:
             node = self._finish_node(iteration, result)
             repair = self._repair_for(attempt, node, result)
             if repair is None:
+                if self._needs_ab(node):
+                    flight.phase = "ab"
+                    if not await self._ab_test(node, flight.slot):
+                        return  # stopped: the resume goes on with the test
                 self._record(attempt, node, result)
                 return
+
+    def _needs_ab(self, node: Node) -> bool:
+        """A code change that beat its parent, not tested yet, under `ab_seeds`."""
+        if self.exploration.ab_seeds < 2 or not node.code_changed or node.parent_id is None:
+            return False
+        parent = self.tree.get(node.parent_id)
+        return (node.status is NodeStatus.DONE and parent.finished and node.r2 > parent.r2
+                and node.id not in ab_results(self.journal))
+
+    async def _ab_test(self, node: Node, slot: int) -> bool:
+        """Test the node's code against its parent's in its own slot; it may be a parent
+        only once the test says it helped. False when the run stopped meanwhile."""
+        self.tree.withheld.add(node.id)
+        test = ABTest(self.journal, self.config, self.tree, self.code, node.id,
+                      self.exploration.ab_seeds,
+                      lambda text: self.publish(ev.LogLines(node.id, (f"[A/B] {text}",))))
+        try:
+            comparison = await test.run(self.executor, slot)
+        except ABStopped:
+            return False
+        except EngineError as exc:  # too few seeds ran: the gain stays unconfirmed
+            self.publish(ev.EngineError(str(exc)))
+            return True
+        if comparison.verdict == "helped":
+            self.tree.withheld.discard(node.id)
+        self.publish(ev.LogLines(node.id, (f"[A/B] node {node.id}: {comparison.summary()}",)))
+        return True
 
     def _repair_for(self, attempt: Attempt, node: Node, result: RunResult) -> Repair | None:
         """A repair request when the agent's code change failed and repairs are left."""

@@ -112,6 +112,10 @@ class ProposalChecker:
             if parent.status in (NodeStatus.FAILED, NodeStatus.PENDING, NodeStatus.RUNNING):
                 raise ProposalRejected(f"parent {parent_id} is {parent.status}: pick a finished "
                                        "node from the score table")
+            if parent_id in self.tree.withheld:
+                raise ProposalRejected(f"parent {parent_id} is a code change whose gain an A/B "
+                                       "test has not confirmed: pick a node from the score "
+                                       "table")
         parent_config = self.config_at(parent_id)
         if human is not None and human.config is not None:
             config = human.config

@@ -22,7 +22,7 @@ class Flight:
     slot: int
     role: str | None
     attempt: Attempt | None = None
-    phase: str = "proposing"  # proposing, review, pending (approved, not started), running
+    phase: str = "proposing"  # proposing, review, pending (approved), running, ab (its test)
 
 
 class Slots:

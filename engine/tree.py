@@ -155,6 +155,9 @@ class Tree:
         self._descendants: dict[int, int] = {}
         self._by_block: dict[int, list[int]] = {}
         self._max_id = 0
+        # code nodes that may not be parents: under an A/B test, or one that did not confirm
+        # their gain (`exploration.ab_seeds`)
+        self.withheld: set[int] = set()
 
     @classmethod
     def from_nodes(
@@ -321,7 +324,8 @@ class Tree:
         return rows
 
     def _block_start_nodes(self, limit: int) -> list[Node]:
-        finished = (node for node in self._nodes.values() if node.finished)
+        finished = (node for node in self._nodes.values()
+                    if node.finished and node.id not in self.withheld)
         return heapq.nsmallest(limit, finished, key=lambda node: (-node.r2, node.id))
 
     def candidates(self, iteration: int | None = None) -> list[ScoreRow]:
@@ -331,7 +335,8 @@ class Tree:
         ids = self._by_block.get(block, [])
         if not ids:
             return self._ranked(self._block_start_nodes(BLOCK_START_CANDIDATES), 0)
-        finished = [self._nodes[i] for i in ids if self._nodes[i].finished]
+        finished = [self._nodes[i] for i in ids
+                    if self._nodes[i].finished and i not in self.withheld]
         return self._ranked(finished, len(ids))
 
     def rows(self, iteration: int | None = None, *, block_only: bool = True) -> list[ScoreRow]:

@@ -90,3 +90,49 @@ def test_what_cannot_be_ab_tested_is_one_line(project_with_a_code_node):
         refused = proctor(project, *args)
         _, err = refused.communicate(timeout=60)
         assert refused.returncode == 2 and message in err and "Traceback" not in err
+
+
+def test_with_ab_seeds_a_code_change_that_beats_its_parent_is_tested_before_it_is_a_parent(
+        tmp_path):
+    project = make_git_project(tmp_path / "project")
+    config_path = project / "configs" / "fake.yaml"
+    text = config_path.read_text().replace("  repair_attempts: 1\n",
+                                           "  repair_attempts: 1\n  ab_seeds: 2\n")
+    config_path.write_text(text)
+    config = load_config(config_path)
+    settings = RunSettings(name="r1", config_path=str(config_path), iterations=4,
+                           approval="auto", agent="scripted", runner="subprocess",
+                           watch_edits=False)
+    agent = ScriptedAgent()
+    engine = Engine.create(project, config, settings, agent)
+    try:
+        asyncio.run(engine.run())
+    finally:
+        engine.close()
+    with Journal.open_for_client(engine.run_dir) as journal:
+        results = ab_results(journal)
+        arms = journal.run_events(RunEvent.AB_RUN)
+    assert list(results) == [3] and results[3].verdict == "helped"  # node 3: BONUS + 0.01
+    assert len(arms) == 4  # 2 seeds x 2 arms, in node 3's own iteration
+    assert not engine.tree.withheld  # confirmed: it may be a parent
+    assert agent.contexts[-1].candidates[0] == 3  # and iteration 4 builds on it
+
+
+def test_a_withheld_node_is_no_candidate_and_no_parent(tmp_path):
+    from engine.proposal import Proposal, Strategy
+    from engine.proposals import ProposalChecker, ProposalRejected
+    from engine.tree import Node, NodeStatus, Tree
+
+    config = load_config(make_git_project(tmp_path / "p") / "configs" / "fake.yaml")
+    tree = Tree(block_size=4)
+    base = config.experiment_sections()
+    tree.add(Node(1, None, base, metrics={"final_r2": 0.5}, status=NodeStatus.DONE))
+    tree.add(Node(2, 1, base, code_changed=True, metrics={"final_r2": 0.6},
+                  status=NodeStatus.DONE))
+    assert [row.node_id for row in tree.candidates(3)] == [2, 1]
+    tree.withheld.add(2)
+    assert [row.node_id for row in tree.candidates(3)] == [1]
+    checker = ProposalChecker(config, tree, lambda node_id: {})
+    with pytest.raises(ProposalRejected, match="A/B test has not confirmed"):
+        checker.prepare(3, Proposal(parent_id=2, strategy=Strategy.EXPLOIT,
+                                    config_changes={"training.learning_rate": 1e-4}))
