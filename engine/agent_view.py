@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.ab_runs import ab_results
 from engine.agents.base import AgentContext, InFlight, NodeSummary, Repair
 from engine.config import ExperimentConfig
+from engine.journal import Journal
 from engine.logs import RunLogs, log_tail
 from engine.paths import RunPaths
 from engine.proposals import ProposalChecker, config_changes
@@ -19,7 +21,7 @@ class AgentView:
 
     def __init__(self, config: ExperimentConfig, project_root: Path, tree: Tree,
                  checker: ProposalChecker, logs: RunLogs, paths: RunPaths,
-                 files_at: Callable[[int | None], dict[str, str]]):
+                 files_at: Callable[[int | None], dict[str, str]], journal: Journal):
         self.config = config
         self.exploration = config.exploration
         self.project_root = project_root
@@ -28,6 +30,7 @@ class AgentView:
         self.logs = logs
         self.paths = paths
         self.files_at = files_at
+        self.journal = journal
         self._summaries: dict[int, NodeSummary] = {}
 
     def forget(self, node_id: int) -> None:
@@ -71,6 +74,8 @@ class AgentView:
             slots=slots,
             role=role,
             in_flight=in_flight,
+            ab_tests={node_id: result.summary()
+                      for node_id, result in ab_results(self.journal).items()},
         )
 
     def _all_summaries(self, iteration: int,

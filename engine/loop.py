@@ -87,7 +87,7 @@ class Engine:
                                     self.exploration.editable_files, self._files_at,
                                     self.checker.parent_config, publish)
         self.view = AgentView(self.config, self.project_root, self.tree, self.checker, self.logs,
-                              self.paths, self._files_at)
+                              self.paths, self._files_at, self.journal)
         self.records = RunRecords(self.config, self.journal, self.logs, self.tree)
         try:
             self.executor = executor or make_executor(

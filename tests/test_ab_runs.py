@@ -116,6 +116,7 @@ def test_with_ab_seeds_a_code_change_that_beats_its_parent_is_tested_before_it_i
     assert len(arms) == 4  # 2 seeds x 2 arms, in node 3's own iteration
     assert not engine.tree.withheld  # confirmed: it may be a parent
     assert agent.contexts[-1].candidates[0] == 3  # and iteration 4 builds on it
+    assert agent.contexts[-1].ab_tests[3].endswith("over 2 seeds, noise 0.0000: helped")
 
 
 def test_a_withheld_node_is_no_candidate_and_no_parent(tmp_path):

@@ -529,3 +529,17 @@ def test_the_sdk_is_not_imported_with_the_engine():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_prompt_shows_the_ab_tests_of_code_changes(tmp_path):
+    from engine.agents.claude_prompt import iteration_message
+
+    config = load_config(REPO / "tests" / "fakeproject" / "configs" / "fake.yaml")
+    with_tests = context(config, 3, nodes=(node(1), node(2, 0.6, parent=1)), ab_tests={
+        2: "ΔR² +0.0210 [+0.0110, +0.0310] over 3 seeds, noise 0.0040: helped"})
+    message = iteration_message(with_tests, config, None)
+    assert "## A/B tests of code changes" in message
+    assert "- node 2: ΔR² +0.0210 [+0.0110, +0.0310] over 3 seeds, noise 0.0040: helped" \
+        in message
+    assert "A/B tests" not in iteration_message(context(config, 3, nodes=(node(1),)), config,
+                                                None)

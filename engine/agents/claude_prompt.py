@@ -244,6 +244,10 @@ def iteration_message(context: AgentContext, config: ExperimentConfig, secret: s
                          + untrusted("training_log", tail))
     else:
         parts += ["## Latest result", "No node has run yet."]
+    if context.ab_tests:
+        parts += ["## A/B tests of code changes (paired seeds; trusted evaluator)",
+                  "\n".join(f"- node {node_id}: {summary}"
+                            for node_id, summary in sorted(context.ab_tests.items()))]
     if context.candidates:
         lines = []
         for node_id in context.candidates:
