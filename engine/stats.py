@@ -12,6 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from engine.ab_runs import ab_results
 from engine.journal import Journal, Step
 from engine.proposals import config_changes
 from engine.records import nodes_from_journal
@@ -43,6 +44,8 @@ class RunStats:
     code_changes: int
     code_ran_cleanly: int  # finished (not failed, not diverged)
     code_beat_parent: int
+    code_ab_tested: int
+    code_confirmed: int  # its A/B test said it helped
     config_changes: int
     mean_gain_code: float | None
     mean_gain_config: float | None
@@ -100,12 +103,16 @@ def run_stats(journal: Journal) -> RunStats:
     hours = _training_seconds(journal) / 3600
     gained = best.r2 - first.r2 if best is not None and first is not None else None
     cost = _agent_cost(journal)
+    tests = ab_results(journal)
     points = gained / R2_POINT if gained is not None else None
     return RunStats(
         nodes=len(nodes),
         code_changes=len(code),
         code_ran_cleanly=sum(1 for node in code if node.status is NodeStatus.DONE),
         code_beat_parent=sum(1 for node in code if gains.get(node.id, 0.0) > 0),
+        code_ab_tested=sum(1 for node in code if node.id in tests),
+        code_confirmed=sum(1 for node in code
+                           if node.id in tests and tests[node.id].verdict == "helped"),
         config_changes=len(config),
         mean_gain_code=_mean(gains[n.id] for n in code if n.id in gains),
         mean_gain_config=_mean(gains[n.id] for n in config if n.id in gains),
@@ -126,13 +133,19 @@ def _mean(values: Any) -> float | None:
 
 def _training_seconds(journal: Journal) -> float:
     """Wall time of every run the journal finished (each step of each node, as measured)."""
-    total = 0.0
+    return sum(training_seconds_by_iteration(journal).values())
+
+
+def training_seconds_by_iteration(journal: Journal) -> dict[int, float]:
+    """Wall time of the runs each iteration finished (repair attempts included), by
+    iteration."""
+    seconds: dict[int, float] = {}
     for event in journal.events():
-        if event.step == Step.RUN_FINISHED:
-            seconds = event.payload.get("result", {}).get("wall_s", 0.0)
-            if isinstance(seconds, int | float) and math.isfinite(seconds):
-                total += seconds
-    return total
+        if event.step == Step.RUN_FINISHED and event.iteration is not None:
+            wall = event.payload.get("result", {}).get("wall_s", 0.0)
+            if isinstance(wall, int | float) and math.isfinite(wall):
+                seconds[event.iteration] = seconds.get(event.iteration, 0.0) + wall
+    return seconds
 
 
 def _agent_cost(journal: Journal) -> float:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import Journal, Step
+from engine.ab import compare
+from engine.journal import Journal, RunEvent, Step
 from engine.stats import change_kind, run_stats
 from engine.tree import Node, NodeStatus
 
@@ -41,6 +42,10 @@ def write_journal(run_dir: Path) -> None:
             journal.append(node_id, Step.PROPOSAL_STORED, {"proposal": {}, "cost_usd": 0.1})
             journal.append(node_id, Step.RUN_FINISHED, {"result": {"wall_s": seconds}})
             journal.append(node_id, Step.RECORDED, {"node": node.to_dict()})
+        for node_id, verdict in ((3, "helped"), (4, "no effect")):
+            journal.append_run_event(RunEvent.AB_RESULT, {"node": node_id, **compare(
+                [1, 2], [0.5, 0.5], [0.6, 0.6] if verdict == "helped" else [0.5, 0.5],
+                noise=0.0).to_dict()})
 
 
 def test_every_figure_on_a_journal_with_known_answers(tmp_path):
@@ -49,6 +54,7 @@ def test_every_figure_on_a_journal_with_known_answers(tmp_path):
         stats = run_stats(journal)
     assert (stats.nodes, stats.code_changes, stats.config_changes) == (6, 3, 2)
     assert (stats.code_ran_cleanly, stats.code_beat_parent) == (2, 1)
+    assert (stats.code_ab_tested, stats.code_confirmed) == (2, 1)
     assert stats.code_success_rate == pytest.approx(1 / 3)
     assert stats.mean_gain_code == pytest.approx((0.1 - 0.05) / 2)  # the failed one has none
     assert stats.mean_gain_config == pytest.approx((0.2 + 0.1) / 2)
@@ -96,7 +102,8 @@ def test_proctor_stats_prints_the_figures_and_json(tmp_path):
 
     text = proctor("stats", "r1")
     assert text.returncode == 0, text.stderr
-    assert "code changes: 2 ran cleanly, 1 beat their parent (33%)" in text.stdout
+    assert "code changes: 2 ran cleanly, 1 beat their parent (33%), 1 of 2 A/B-tested " \
+        "confirmed" in text.stdout
     assert "mean R2 gain over the parent: code +0.0250, config +0.1500" in text.stdout
     assert "agent cost $0.60, $0.020 per point of R2" in text.stdout
     figures = json.loads(proctor("stats", "r1", "--json").stdout)

@@ -149,6 +149,26 @@ def run(config_path: Path, *, iterations: int | None, agent: str | None, approve
     return _drive(_create_engine(root, config, settings, HeadlessPrinter(echo_log=echo_log)))
 
 
+def baseline(config_path: Path, *, sampler: str, trials: int | None, name: str | None,
+             runner: str | None, echo_log: bool, headless: bool = True,
+             detach: bool = False) -> int:
+    """A search baseline as a run of its own: `run` with Optuna's `sampler` as the agent and
+    nothing waiting for a human (`engine.agents.optuna_search`)."""
+    from engine.agents import AgentUnavailable, make_agent
+    from engine.agents.optuna_search import agent_name
+
+    agent = agent_name(sampler)
+    try:  # no optuna, no search space: one line before anything starts
+        make_agent(agent, load_config(config_path))
+    except ConfigError as exc:
+        raise UsageError(f"bad config:\n{exc}") from None
+    except AgentUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    name = name or f"{config_path.stem}_{sampler}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return run(config_path, iterations=trials, agent=agent, approve="auto", name=name,
+               runner=runner, echo_log=echo_log, headless=headless, detach=detach)
+
+
 def _create_engine(root: Path, config: ExperimentConfig, settings, publish):
     """A new run's engine; whatever stops its creation (a taken name, a folder that is not
     writable, a full disk) is one UsageError."""
@@ -413,7 +433,8 @@ def stats(run: str, *, as_json: bool) -> int:
     if figures.code_changes:
         say(f"  code changes: {figures.code_ran_cleanly} ran cleanly, "
             f"{figures.code_beat_parent} beat their parent "
-            f"({_percent(figures.code_success_rate)})")
+            f"({_percent(figures.code_success_rate)}), {figures.code_confirmed} of "
+            f"{figures.code_ab_tested} A/B-tested confirmed")
     say(f"  mean R2 gain over the parent: code {_signed(figures.mean_gain_code)}, "
         f"config {_signed(figures.mean_gain_config)}")
     say(f"  training {figures.training_hours * 60:.1f} min; best R2 "
@@ -428,6 +449,25 @@ def stats(run: str, *, as_json: bool) -> int:
         for kind in figures.kinds:
             say(f"{kind.count:>5} {kind.mean_gain:>+10.4f} {kind.total_gain:>+8.4f}  "
                 f"{kind.kind}")
+    return 0
+
+
+def report(run: str, *, against: list[str]) -> int:
+    """Write the run's report (`engine.report`), its curves overlaid with `against`'s."""
+    from engine.journal import JournalError
+    from engine.plots import AnalyticsMissing
+    from engine.report import write_report
+    from engine.tree import TreeError
+
+    folder = find_run(run)
+    others = [find_run(other) for other in against]
+    try:
+        path = write_report(folder, others)
+    except (AnalyticsMissing, JournalError, TreeError) as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the report in {folder}: {exc.strerror or exc}") from None
+    say(f"report of run {run}: {path}")
     return 0
 
 
