@@ -137,3 +137,13 @@ def test_a_withheld_node_is_no_candidate_and_no_parent(tmp_path):
     with pytest.raises(ProposalRejected, match="A/B test has not confirmed"):
         checker.prepare(3, Proposal(parent_id=2, strategy=Strategy.EXPLOIT,
                                     config_changes={"training.learning_rate": 1e-4}))
+
+
+def test_the_tree_view_marks_a_tested_code_node_with_its_verdict():
+    from engine.tree import NodeStatus, ScoreRow
+    from tui.widgets.tree_view import node_label
+
+    row = ScoreRow(node_id=3, parent_id=1, r2=0.61, score=1.2, visits=1, code_changed=True,
+                   status=NodeStatus.DONE, mutation="[code] bonus")
+    assert "[CODE] A/B helped" in node_label(row, False, False, "helped").plain
+    assert "A/B" not in node_label(row, False, False).plain

@@ -9,6 +9,8 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+from engine.ab import Comparison
+from engine.ab_runs import ab_results
 from engine.attach import RunInfo, RunReader
 from engine.tree import Node, NodeStatus, ScoreRow
 
@@ -29,6 +31,7 @@ class RunSnapshot:
     recent_durations: tuple[float, ...] = ()
     r2_series: tuple[float, ...] = ()  # final R2 of each finished node, by id (NaN: 0)
     unfinished_slots: dict[int, int] = field(default_factory=dict)  # iteration -> its slot
+    ab_tests: dict[int, Comparison] = field(default_factory=dict)  # code node -> its A/B test
 
     def eta_s(self, total_iterations: int) -> float | None:
         """Seconds left at the recent pace; None before an iteration finished."""
@@ -60,6 +63,7 @@ def take_snapshot(reader: RunReader) -> RunSnapshot:
         times = sorted(reader.iteration_times.items())
         cost = reader.cost_usd
         unfinished_slots = dict(reader.unfinished_slots)
+        ab_tests = ab_results(reader.journal)
     done = [(start, end) for _, (start, end) in times if end is not None]
     durations = tuple(end - start for start, end in done[-RECENT_ITERATIONS:])
     series = tuple(
@@ -71,5 +75,5 @@ def take_snapshot(reader: RunReader) -> RunSnapshot:
         best_id=best.id if best else None,
         best_r2=best.metrics.get("final_r2") if best else None,
         cost_usd=cost, completed=len(done), recent_durations=durations, r2_series=series,
-        unfinished_slots=unfinished_slots,
+        unfinished_slots=unfinished_slots, ab_tests=ab_tests,
     )

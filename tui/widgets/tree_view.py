@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 COLUMNS = ("node", "parent", "R²", "score", "visits", "code", "status", "mutation")
 CODE_TAG = "[CODE]"
+_VERDICT_STYLE = {"helped": "bold green", "hurt": "bold red", "no effect": "yellow"}
 TREE, TABLE = "node-tree", "node-table"
 # Textual lays a tree out recursively, one frame per level: a long chain of nodes needs room.
 RECURSION_HEADROOM = 300
@@ -61,8 +62,8 @@ def _cells(row: ScoreRow, best_id: int | None) -> tuple[object, ...]:
     )
 
 
-def node_label(row: ScoreRow, on_best_path: bool, best: bool) -> Text:
-    """One line of the tree: `3 ★ best  R² 0.6113  done  [CODE]  <mutation>`."""
+def node_label(row: ScoreRow, on_best_path: bool, best: bool, ab: str | None = None) -> Text:
+    """One line of the tree: `3 ★ best  R² 0.6113  done  [CODE] A/B helped  <mutation>`."""
     label = Text()
     label.append(str(row.node_id), "bold green" if on_best_path else "bold")
     if best:
@@ -71,6 +72,8 @@ def node_label(row: ScoreRow, on_best_path: bool, best: bool) -> Text:
     label.append(f"  {row.status}", _STATUS_STYLE.get(row.status, ""))
     if row.code_changed:
         label.append(f"  {CODE_TAG}", "bold magenta")
+    if ab is not None:
+        label.append(f" A/B {ab}", _VERDICT_STYLE.get(ab, ""))
     mutation = _mutation(row)
     if mutation:
         label.append("  ")
@@ -206,7 +209,9 @@ class TreeView(Horizontal):
                      row.node_id == snapshot.best_id)
             if self._in_tree.get(row.node_id) == shown:
                 continue
-            label = node_label(row, on_path, row.node_id == snapshot.best_id)
+            tested = snapshot.ab_tests.get(row.node_id)
+            label = node_label(row, on_path, row.node_id == snapshot.best_id,
+                               tested.verdict if tested is not None else None)
             node = self._tree_nodes.get(row.node_id)
             if node is None:
                 self._add_to_tree(tree, row, label)
@@ -291,8 +296,12 @@ class TreeView(Horizontal):
         config_diff = _read(paths.config_diff(node_id)).strip() or "same config as its parent"
         self.query_one("#node-config", Static).update(plain(config_diff))
         self.diff_view.diff = _read(paths.change_diff(node_id))
-        self.query_one("#node-metrics", Static).update(
-            self._metrics_text(paths.metrics(node_id), node.metrics))
+        metrics = self._metrics_text(paths.metrics(node_id), node.metrics)
+        tested = snapshot.ab_tests.get(node_id)
+        if tested is not None:
+            metrics.append("\nA/B test against its parent's code\n", "bold")
+            metrics.append(tested.summary())
+        self.query_one("#node-metrics", Static).update(metrics)
         if changed:
             log = paths.training_log(node_id)
             self.node_log.open(log if log.exists() else None)
