@@ -3,9 +3,11 @@
     <project>/log/<run>/            RunPaths(run_dir)
         journal.sqlite, engine.lock, engine.out, vcs.yaml, config.yaml
         analysis.md, memory.md, reasoning.log, ucb_scores.txt
-        configs/iter_NNN.yaml, protocols/block_NNN.md, memory/block_NNN.md
+        configs/iter_NNN.yaml, protocols/block_NNN.md, memory/block_NNN.md,
+        memory/tree_block_NNN.png (the tree at each block's end)
         nodes/NNN/{training.log, metrics.json, change.diff, config.diff}
         workspace/ (the humans' view of the running node), sandbox/ (the runs' folders)
+        report/report.md and its PNG plots (`proctor report`)
     <project>/log/cache/data/       simulated datasets, shared by every run
     <project>/log/train/<time>/     `proctor train` results
 """
@@ -119,6 +121,10 @@ class RunPaths:
     def sandbox(self) -> Path:
         return self.run_dir / "sandbox"
 
+    @property
+    def report_dir(self) -> Path:
+        return self.run_dir / "report"
+
     def config_snapshot(self, iteration: int) -> Path:
         return self.configs_dir / f"iter_{numbered(iteration)}.yaml"
 
@@ -127,6 +133,10 @@ class RunPaths:
 
     def memory_snapshot(self, block: int) -> Path:
         return self.memory_snapshots_dir / f"block_{numbered(block)}.md"
+
+    def tree_picture(self, block: int) -> Path:
+        """The tree as it stood at the end of `block` (a PNG)."""
+        return self.memory_snapshots_dir / f"tree_block_{numbered(block)}.png"
 
     def node_dir(self, node_id: int) -> Path:
         return self.nodes_dir / numbered(node_id)

@@ -71,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     on_run["ab"].add_argument("node", type=_positive_int, help="the code node to test")
     on_run["ab"].add_argument("--seeds", type=_seed_count, default=3,
                               help="paired seeds, 2 to 50 (default 3)")
+    on_run["report"].add_argument(
+        "--against", action="append", default=[], metavar="RUN",
+        help="another run whose curves the plots overlay (repeatable): a baseline, say")
     jobscript = commands.add_parser(
         "jobscript", help="print the batch job script a Dask cluster config submits",
         description="Print the batch script (Slurm, LSF or PBS) that each Dask worker job of "
@@ -113,6 +116,12 @@ RUN_COMMANDS: dict[str, tuple[str, str | None]] = {
            "with its 95% interval, whether it exceeds the run's noise floor, and a verdict "
            "(helped, no effect, hurt). Each arm is journaled as it ends: run it again after "
            "a crash and it goes on. The run's engine must not be running."),
+    "report": ("write a run's report: best-so-far curves, the tree, gains, A/B tests",
+               "Write log/RUN/report/: report.md and PNG plots (matplotlib) — best R² so far "
+               "per iteration and per hour of training, overlaid with every --against run, "
+               "the tree coloured by R² with code changes marked and the best path drawn, "
+               "the R² gain by kind of change, and the A/B tests with their intervals. "
+               "Everything comes from the runs' journals."),
     "stop": ("stop a run cleanly (it can be resumed)", None),
     "revert": (
         "add a node that undoes NODE's change",
@@ -204,6 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "stats": lambda: commands.stats(args.run, as_json=args.json),
         "revert": lambda: commands.revert(args.run, args.node),
         "ab": lambda: commands.ab(args.run, args.node, args.seeds),
+        "report": lambda: commands.report(args.run, against=args.against),
         "stop": lambda: commands.stop(args.run),
     }
     return handlers[args.command]()
