@@ -47,13 +47,34 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--headless", action="store_true", help="no TUI: plain progress lines")
     run.add_argument("--detach", action="store_true",
                      help="run in the background (survives logout); prints how to attach")
-    run.add_argument("--agent", choices=["heuristic", "anthropic"],
-                     help="who proposes (default: anthropic with a key, else heuristic)")
+    run.add_argument("--agent",
+                     choices=["heuristic", "anthropic", "optuna-tpe", "optuna-random"],
+                     help="who proposes (default: anthropic with a key, else heuristic; "
+                     "optuna-*: a search baseline, see baseline)")
     run.add_argument("--approve", choices=["auto", "code", "all"],
                      help="what waits for a human: nothing, code edits, everything")
     run.add_argument("--name", help="run name (default: <config>_<date-time>)")
     run.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
     run.add_argument("--log", action="store_true", help="echo the training logs")
+
+    baseline = commands.add_parser(
+        "baseline", help="search CONFIG's search space with Optuna (TPE or random) as a run",
+        description="A baseline on the same budget: Optuna's TPE or random sampler proposes "
+        "each trial (every key of exploration.search_space sampled, from the base config), "
+        "run through the same sandboxed runner and evaluator as the agent's nodes and "
+        "recorded as a run of its own (status, attach, stats, resume work on it). Needs "
+        "optuna: pip install 'proctor[analytics]'.")
+    baseline.add_argument("config", type=Path, help="experiment config (YAML)")
+    baseline.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
+                          help="Optuna's sampler (default: tpe), seeded by exploration.seed")
+    baseline.add_argument("--trials", type=_iteration_count,
+                          help="trials, one per iteration (default: exploration.iterations)")
+    baseline.add_argument("--name", help="run name (default: <config>_<sampler>_<date-time>)")
+    baseline.add_argument("--headless", action="store_true", help="no TUI: plain progress lines")
+    baseline.add_argument("--detach", action="store_true",
+                          help="run in the background (survives logout); prints how to attach")
+    baseline.add_argument("--runner", choices=["zygote", "subprocess"], help="how runs start")
+    baseline.add_argument("--log", action="store_true", help="echo the training logs")
 
     on_run = {name: _on_run(commands, name, help, description)
               for name, (help, description) in RUN_COMMANDS.items()}
@@ -200,6 +221,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.run(args.config, iterations=args.iterations, agent=args.agent,
                             approve=args.approve, name=args.name, runner=args.runner,
                             echo_log=args.log, headless=args.headless, detach=args.detach)
+    if args.command == "baseline":
+        return commands.baseline(args.config, sampler=args.sampler, trials=args.trials,
+                                 name=args.name, runner=args.runner, echo_log=args.log,
+                                 headless=args.headless, detach=args.detach)
     if args.command in ("approve", "reject"):
         from tui.decisions import decide
 

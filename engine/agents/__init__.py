@@ -36,4 +36,12 @@ def make_agent(name: str, config: ExperimentConfig, journal: Journal | None = No
             return AnthropicAgent(config, journal)
         except ApiKeyError as exc:
             raise AgentUnavailable(str(exc)) from None
-    raise AgentUnavailable(f"unknown agent '{name}' (heuristic or anthropic)")
+    if name.startswith("optuna-"):  # the search baselines (`proctor baseline`)
+        from engine.agents.optuna_search import OptunaAgent, SearchUnavailable
+
+        try:
+            return OptunaAgent(config, name.removeprefix("optuna-"))
+        except SearchUnavailable as exc:
+            raise AgentUnavailable(str(exc)) from None
+    raise AgentUnavailable(f"unknown agent '{name}' (heuristic, anthropic, optuna-tpe or "
+                           "optuna-random)")
