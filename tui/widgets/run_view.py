@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Label, ProgressBar, Sparkline, Static
+from textual.widgets import Label, ProgressBar, Static
 
 from engine.progress import SIMULATION
 from tui.state import RunState, SlotRun
+from tui.widgets.best_curve import BestCurve
 from tui.widgets.line_view import LineView
 from tui.widgets.live_log import LiveLog
 from tui.widgets.plain import plain
@@ -93,7 +94,7 @@ class RunView(Vertical):
     RunView #run-top { height: 7; }
     RunView #run-info { width: 1fr; padding: 0 1; }
     RunView #run-chart { width: 42; padding: 0 1; border-left: solid $primary-darken-2; }
-    RunView #r2-chart { height: 3; }
+    RunView #r2-chart { height: 1fr; }
     RunView #progress-row { height: 1; padding: 0 1; }
     RunView #progress-row Label { width: auto; margin-right: 1; }
     RunView #train-progress { width: 1fr; }
@@ -113,9 +114,8 @@ class RunView(Vertical):
         with Horizontal(id="run-top"):
             yield Static(id="run-info")
             with Vertical(id="run-chart"):
-                yield Label("R² per iteration", id="chart-title")
-                yield Sparkline([], id="r2-chart")
-                yield Label("", id="chart-range")
+                yield Label("R² (•) · best so far (line)", id="chart-title")
+                yield BestCurve(id="r2-chart")
         with Horizontal(id="progress-row"):
             yield Label("training", id="progress-label")
             yield ProgressBar(total=1, show_eta=False, id="train-progress")
@@ -181,13 +181,7 @@ class RunView(Vertical):
         self._show_progress(shown or SlotRun(slot, where, 0, 0, None, ""))
 
     def _show_chart(self, snapshot: RunSnapshot | None) -> None:
-        series = list(snapshot.r2_series) if snapshot else []
-        self.query_one("#r2-chart", Sparkline).data = series
-        if series:
-            summary = f"{len(series)} runs · min {min(series):.3f} · max {max(series):.3f}"
-        else:
-            summary = "no finished runs yet"
-        self.query_one("#chart-range", Label).update(summary)
+        self.query_one("#r2-chart", BestCurve).show(snapshot.nodes.values() if snapshot else ())
 
     def _show_progress(self, state: RunState | SlotRun) -> None:
         bar = self.query_one("#train-progress", ProgressBar)
