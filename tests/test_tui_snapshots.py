@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from test_tui_attach import start_engine, wait_for
 from textual.pilot import Pilot
-from textual.widgets import Markdown
+from textual.widgets import Markdown, TabbedContent
 
 from engine import events as ev
 from engine.attach import AttachedRun
 from tui.app import ProctorApp, attached_app
 from tui.settings import TuiSettings
+from tui.widgets.best_curve import BestCurve
 
 HERE = Path(__file__).resolve().parent
 SIZE = (120, 34)
@@ -106,6 +107,20 @@ def test_tree_view_as_a_table(parked_run, snap_compare):
 
     assert snap_compare(attached_app(parked_run, STILL), terminal_size=SIZE,
                         run_before=settled("3", second_node_in_the_table))
+
+
+def test_tree_view_curve(parked_run, snap_compare):
+    async def curve_drawn(pilot: Pilot) -> None:
+        await _second_node(pilot)
+        pilot.app.query_one("#node-tabs", TabbedContent).active = "run-curve-pane"
+        curve = pilot.app.query_one("#run-curve", BestCurve)
+        deadline = time.monotonic() + 10
+        while "0.800" not in str(curve.content):  # drawn once its tab gave it a size
+            assert time.monotonic() < deadline
+            await pilot.pause(0.05)
+
+    assert snap_compare(attached_app(parked_run, STILL), terminal_size=SIZE,
+                        run_before=settled("3", curve_drawn))
 
 
 async def _second_node(pilot: Pilot) -> None:

@@ -1,6 +1,6 @@
 """The Tree view: the nodes as a tree (each under its parent, the path to the best node
 highlighted) or, one key away, as a flat table; the highlighted node's config diff, code
-diff, metrics and training log beside it.
+diff, metrics and training log beside it, and the run's best-so-far curve.
 
 A snapshot arrives whenever the tree changed (never per log line); only the rows whose
 shown values changed are redrawn, and only in the layout on screen (the other catches up
@@ -25,6 +25,7 @@ from textual.widgets.tree import TreeNode
 from engine.logs import strip_control
 from engine.paths import RunPaths
 from engine.tree import NodeStatus, ScoreRow
+from tui.widgets.best_curve import BestCurve
 from tui.widgets.diff_view import DiffView
 from tui.widgets.file_log import FileLog
 from tui.widgets.plain import plain
@@ -110,6 +111,7 @@ class TreeView(Horizontal):
     TreeView TabPane { padding: 0; }
     TreeView .pane-scroll { height: 1fr; padding: 0 1; }
     TreeView #node-log { height: 1fr; }
+    TreeView #run-curve { height: 1fr; padding: 0 1; }
     """
     BINDINGS = [Binding("t", "toggle_layout", "Tree/table", id="proctor.tree.layout")]
 
@@ -153,6 +155,8 @@ class TreeView(Horizontal):
                     yield Static("", id="node-metrics")
                 with TabPane("Log", id="node-log-pane"):
                     yield FileLog(placeholder="no training log", id="node-log")
+                with TabPane("Curve", id="run-curve-pane"):
+                    yield BestCurve(id="run-curve")  # the run's, whichever node is shown
 
     @property
     def diff_view(self) -> DiffView:
@@ -177,6 +181,7 @@ class TreeView(Horizontal):
         """Bring the shown list up to date with a snapshot (changed rows only; the cursor
         stays)."""
         self._snapshot = snapshot
+        self.query_one("#run-curve", BestCurve).show(snapshot.nodes.values())
         if self.layout_shown == "tree":
             self._sync_tree(snapshot)
         else:
