@@ -228,25 +228,25 @@ def start_proctor(*args: str, cwd: Path) -> subprocess.Popen:
 async def test_cli_baseline_is_a_run_then_kill_9_and_resume_goes_on_with_the_same_trials(
         tmp_path):
     project = project_with(tmp_path / "project")
-    whole = proctor("baseline", "configs/fake.yaml", "--sampler", "tpe", "--trials", "4",
+    whole = proctor("baseline", "configs/fake.yaml", "--sampler", "tpe", "--trials", "3",
                     "--name", "whole", "--headless", cwd=project)
     assert whole.returncode == 0, whole.stderr
-    assert "finished: completed 4 iterations" in whole.stdout
+    assert "finished: completed 3 iterations" in whole.stdout
     status = proctor("status", "whole", "--json", cwd=project)
     assert status.returncode == 0, status.stderr
-    assert sorted(row["node_id"] for row in json.loads(status.stdout)["nodes"]) == [1, 2, 3, 4]
+    assert sorted(row["node_id"] for row in json.loads(status.stdout)["nodes"]) == [1, 2, 3]
     stats = proctor("stats", "whole", "--json", cwd=project)
-    assert stats.returncode == 0 and json.loads(stats.stdout)["nodes"] == 4
+    assert stats.returncode == 0 and json.loads(stats.stdout)["nodes"] == 3
     with Journal.open_for_client(project / "log" / "whole") as journal:
         settings = journal.run_events(RunEvent.RUN_CREATED)[0].payload["settings"]
     assert (settings["agent"], settings["approval"], settings["iterations"]) == \
-        ("optuna-tpe", "auto", 4)
+        ("optuna-tpe", "auto", 3)
     app = attached_app(project / "log" / "whole", QUIET)  # the app browses it like any run
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("3")
-        await until(pilot, lambda: app.snapshot is not None and len(app.snapshot.nodes) == 4,
+        await until(pilot, lambda: app.snapshot is not None and len(app.snapshot.nodes) == 3,
                     "the tree of the baseline run")
-        assert sorted(app.snapshot.nodes) == [1, 2, 3, 4]
+        assert sorted(app.snapshot.nodes) == [1, 2, 3]
 
     # the same baseline, slower, killed while iteration 2 trains
     slow = project / "configs" / "slow.yaml"
@@ -254,7 +254,7 @@ async def test_cli_baseline_is_a_run_then_kill_9_and_resume_goes_on_with_the_sam
     config["training"].update(steps=10, step_sleep=0.1)  # the score ignores both
     slow.write_text(yaml.safe_dump(config))
     run_dir = project / "log" / "killed"
-    engine = start_proctor("baseline", str(slow), "--trials", "4", "--name", "killed",
+    engine = start_proctor("baseline", str(slow), "--trials", "3", "--name", "killed",
                            "--headless", cwd=project)
     try:
         wait_for(lambda: (run_dir / "vcs.yaml").exists(), "the run folder", 60)
@@ -273,11 +273,11 @@ async def test_cli_baseline_is_a_run_then_kill_9_and_resume_goes_on_with_the_sam
     resumed = proctor("resume", "killed", cwd=project)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     with Journal.open_for_client(run_dir) as journal:
-        assert journal.completed_iterations() == [1, 2, 3, 4]
+        assert journal.completed_iterations() == [1, 2, 3]
         events = journal.events()
-        assert [e.iteration for e in events if e.step == Step.STARTED] == [1, 2, 3, 4]
+        assert [e.iteration for e in events if e.step == Step.STARTED] == [1, 2, 3]
         for step in (Step.PROPOSAL_STORED, Step.RECORDED):  # none asked or recorded twice
-            assert [e.iteration for e in events if e.step == step] == [1, 2, 3, 4]
+            assert [e.iteration for e in events if e.step == step] == [1, 2, 3]
     assert trial_rates(project, "killed") == trial_rates(project, "whole")
     reasoning = (run_dir / "reasoning.log").read_text()
     after = reasoning.split("=== Iteration 3 ===")[1]  # proposed by the resumed engine
