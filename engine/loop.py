@@ -44,6 +44,7 @@ from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
 from engine.proposals import ProposalChecker, ProposalRejected, needs_review, review_of
 from engine.records import RunRecords, attempt_proposals, nodes_from_journal
+from engine.report import write_tree_picture
 from engine.review import Review, waiting_reviews
 from engine.runner import Runner, RunResult, RunStatus, make_runner
 from engine.runner.sandbox import missing_layers
@@ -743,6 +744,12 @@ class Engine:
         self.records.node_finished(node, attempt.proposal, attempt.human is None, result)
         self.journal.append(attempt.iteration, Step.RECORDED, {"node": node.to_dict()},
                             attempt=attempt.number)
+        if attempt.iteration % self.exploration.block_size == 0:  # as the original did
+            block = block_of(attempt.iteration, self.exploration.block_size)
+            try:  # without matplotlib (the analytics extra) it draws nothing
+                write_tree_picture(self.journal, self.paths.tree_picture(block))
+            except OSError as exc:
+                self.publish(ev.EngineError(f"the tree picture of block {block}: {exc}"))
 
     def _skip(self, iteration: int, number: int, reason: str) -> None:
         self.journal.append(iteration, Step.RECORDED, {"node": None, "skipped": reason},

@@ -147,3 +147,4 @@ def test_the_tree_view_marks_a_tested_code_node_with_its_verdict():
                    status=NodeStatus.DONE, mutation="[code] bonus")
     assert "[CODE] A/B helped" in node_label(row, False, False, "helped").plain
     assert "A/B" not in node_label(row, False, False).plain
+

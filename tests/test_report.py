@@ -258,3 +258,21 @@ def test_start_up_paths_never_import_matplotlib_or_plotext():
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_a_blocks_end_leaves_a_picture_of_the_tree(tmp_path):
+    pytest.importorskip("matplotlib")
+    project = make_git_project(tmp_path / "project")
+    config_path = project / "configs" / "fake.yaml"
+    config_path.write_text(config_path.read_text().replace("block_size: 4", "block_size: 2"))
+    config = load_config(config_path)
+    settings = RunSettings(name="r1", config_path=str(config_path), iterations=2,
+                           approval="auto", agent="scripted", runner="subprocess",
+                           watch_edits=False)
+    engine = Engine.create(project, config, settings, ScriptedAgent())
+    try:
+        asyncio.run(engine.run())
+    finally:
+        engine.close()
+    picture = engine.paths.tree_picture(1)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,6 @@ the finished snapshot, so the UI thread never touches SQLite."""
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 from engine.ab import Comparison
@@ -29,7 +28,6 @@ class RunSnapshot:
     cost_usd: float = 0.0
     completed: int = 0
     recent_durations: tuple[float, ...] = ()
-    r2_series: tuple[float, ...] = ()  # final R2 of each finished node, by id (NaN: 0)
     unfinished_slots: dict[int, int] = field(default_factory=dict)  # iteration -> its slot
     ab_tests: dict[int, Comparison] = field(default_factory=dict)  # code node -> its A/B test
 
@@ -66,14 +64,10 @@ def take_snapshot(reader: RunReader) -> RunSnapshot:
         ab_tests = ab_results(reader.journal)
     done = [(start, end) for _, (start, end) in times if end is not None]
     durations = tuple(end - start for start, end in done[-RECENT_ITERATIONS:])
-    series = tuple(
-        row.r2 if math.isfinite(row.r2) else 0.0
-        for row in rows if row.status in (NodeStatus.DONE, NodeStatus.DIVERGED)
-    )
     return RunSnapshot(
         info=reader.info, rows=rows, nodes=nodes,
         best_id=best.id if best else None,
         best_r2=best.metrics.get("final_r2") if best else None,
-        cost_usd=cost, completed=len(done), recent_durations=durations, r2_series=series,
+        cost_usd=cost, completed=len(done), recent_durations=durations,
         unfinished_slots=unfinished_slots, ab_tests=ab_tests,
     )
