@@ -45,3 +45,24 @@ class ScriptedAgent:
                 analysis="try code", memory=memory,
             )
         return AgentReply(proposal, reasoning=f"scripted choice for {context.iteration}")
+
+
+def run_scripted(project, name: str = "r1", iterations: int = 3, agent=None):
+    """Run the scripted agent (or `agent`) on the fake project in `project` to its end,
+    approving everything; returns the closed engine (its tree and paths stay readable)."""
+    import asyncio
+
+    from engine.config import load_config
+    from engine.loop import Engine
+    from engine.runs import RunSettings
+
+    config_path = project / "configs" / "fake.yaml"
+    settings = RunSettings(name=name, config_path=str(config_path), iterations=iterations,
+                           approval="auto", agent="scripted", runner="subprocess",
+                           watch_edits=False)
+    engine = Engine.create(project, load_config(config_path), settings, agent or ScriptedAgent())
+    try:
+        asyncio.run(engine.run())
+    finally:
+        engine.close()
+    return engine

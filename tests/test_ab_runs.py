@@ -3,7 +3,6 @@ runner on the fake experiment, journaled arm by arm (kill -9 midway loses nothin
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -12,14 +11,12 @@ from pathlib import Path
 
 import pytest
 from git_project import make_git_project
-from scripted_agent import ScriptedAgent
+from scripted_agent import ScriptedAgent, run_scripted
 from waiting import wait_for
 
 from engine.ab_runs import ab_results
 from engine.config import load_config
 from engine.journal import Journal, RunEvent
-from engine.loop import Engine
-from engine.runs import RunSettings
 from engine.state import RunState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +27,7 @@ def project_with_a_code_node(tmp_path) -> Path:
     """Three iterations of the scripted agent: node 3 raises the fake model's BONUS by 0.01
     (a code change whose gain is known exactly)."""
     project = make_git_project(tmp_path / "project")
-    config = load_config(project / "configs" / "fake.yaml")
-    settings = RunSettings(name="r1", config_path=str(project / "configs" / "fake.yaml"),
-                           iterations=3, approval="auto", agent="scripted",
-                           runner="subprocess", watch_edits=False)
-    engine = Engine.create(project, config, settings, ScriptedAgent())
-    try:
-        asyncio.run(engine.run())
-    finally:
-        engine.close()
+    run_scripted(project)
     return project
 
 
@@ -99,16 +88,8 @@ def test_with_ab_seeds_a_code_change_that_beats_its_parent_is_tested_before_it_i
     text = config_path.read_text().replace("  repair_attempts: 1\n",
                                            "  repair_attempts: 1\n  ab_seeds: 2\n")
     config_path.write_text(text)
-    config = load_config(config_path)
-    settings = RunSettings(name="r1", config_path=str(config_path), iterations=4,
-                           approval="auto", agent="scripted", runner="subprocess",
-                           watch_edits=False)
     agent = ScriptedAgent()
-    engine = Engine.create(project, config, settings, agent)
-    try:
-        asyncio.run(engine.run())
-    finally:
-        engine.close()
+    engine = run_scripted(project, iterations=4, agent=agent)
     with Journal.open_for_client(engine.run_dir) as journal:
         results = ab_results(journal)
         arms = journal.run_events(RunEvent.AB_RUN)

@@ -3,7 +3,6 @@ then a tiny real run of the fake experiment reported end to end (PNGs that decod
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import struct
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 from git_project import make_git_project
-from scripted_agent import ScriptedAgent
+from scripted_agent import run_scripted
 
 from engine.ab import compare
-from engine.config import load_config
 from engine.journal import Journal, RunEvent, Step
-from engine.loop import Engine
 from engine.paths import RunPaths
 from engine.report import (
     AB_PNG,
@@ -34,7 +31,6 @@ from engine.report import (
     write_report,
     write_tree_picture,
 )
-from engine.runs import RunSettings
 from engine.tree import Node, NodeStatus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,16 +164,7 @@ def test_a_run_without_ab_tests_or_gains_says_so_instead_of_plotting(tmp_path):
 
 
 def run_fake(project: Path, name: str, iterations: int) -> Path:
-    config = load_config(project / "configs" / "fake.yaml")
-    settings = RunSettings(name=name, config_path=str(project / "configs" / "fake.yaml"),
-                           iterations=iterations, approval="auto", agent="scripted",
-                           runner="subprocess", watch_edits=False)
-    engine = Engine.create(project, config, settings, ScriptedAgent())
-    try:
-        asyncio.run(engine.run())
-    finally:
-        engine.close()
-    return project / "log" / name
+    return run_scripted(project, name, iterations).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +252,6 @@ def test_a_blocks_end_leaves_a_picture_of_the_tree(tmp_path):
     project = make_git_project(tmp_path / "project")
     config_path = project / "configs" / "fake.yaml"
     config_path.write_text(config_path.read_text().replace("block_size: 4", "block_size: 2"))
-    config = load_config(config_path)
-    settings = RunSettings(name="r1", config_path=str(config_path), iterations=2,
-                           approval="auto", agent="scripted", runner="subprocess",
-                           watch_edits=False)
-    engine = Engine.create(project, config, settings, ScriptedAgent())
-    try:
-        asyncio.run(engine.run())
-    finally:
-        engine.close()
+    engine = run_scripted(project, iterations=2)
     picture = engine.paths.tree_picture(1)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
