@@ -446,12 +446,11 @@ def _random_value(data: st.DataObject, key: str) -> Any:
     return data.draw(st.floats(spec.low, spec.high))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_proposals_stay_in_range_on_finished_parents_and_never_repeat(data):
-    block_size = data.draw(st.integers(3, 12), label="block_size")
-    history = History(block_size)
-    count = data.draw(st.integers(0, 20), label="nodes")
+def draw_history(data: st.DataObject, max_nodes: int) -> tuple[History, int]:
+    """A random tree: each node a config step or a template edit from a finished parent,
+    done, diverged or failed."""
+    history = History(data.draw(st.integers(3, 12), label="block_size"))
+    count = data.draw(st.integers(0, max_nodes), label="nodes")
     for node_id in range(1, count + 1):
         finished = [n.id for n in history.nodes.values() if n.status in ("done", "diverged")]
         parent = data.draw(st.sampled_from(finished)) if finished else None
@@ -465,6 +464,13 @@ def test_proposals_stay_in_range_on_finished_parents_and_never_repeat(data):
             template = data.draw(st.sampled_from(usable)) if usable else None
             changes = {} if template is not None else changes
         history.add(node_id, parent, r2, changes, status=status, template=template)
+    return history, count
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_proposals_stay_in_range_on_finished_parents_and_never_repeat(data):
+    history, count = draw_history(data, max_nodes=20)
     rejections = tuple(data.draw(st.lists(st.text(max_size=20), max_size=2), label="rejections"))
     seed = data.draw(st.integers(0, 3), label="seed")
     repair = None

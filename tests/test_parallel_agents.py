@@ -18,16 +18,15 @@ from test_heuristic import (
     LAYERS,
     LR,
     OMEGA,
-    SPACE,
     History,
-    _random_value,
+    draw_history,
     poor_block,
     with_seed,
 )
 
 from engine.agents.base import AgentContext, AgentReply, InFlight
 from engine.agents.heuristic import HeuristicAgent, same_value
-from engine.agents.templates import TEMPLATES, template_of
+from engine.agents.templates import template_of
 from engine.config import ExperimentConfig
 from engine.memory import MEMORY_TEMPLATE, Memory
 from engine.proposal import Proposal, Strategy
@@ -270,21 +269,7 @@ def test_one_slot_keeps_its_reasoning_without_slot_lines():
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_trees_filled_slot_by_slot_never_share_a_change_or_an_unfinished_parent(data):
-    history = History(data.draw(st.integers(3, 12), label="block_size"))
-    count = data.draw(st.integers(0, 12), label="nodes")
-    for node_id in range(1, count + 1):
-        finished = [n.id for n in history.nodes.values() if n.status in ("done", "diverged")]
-        parent = data.draw(st.sampled_from(finished)) if finished else None
-        key = data.draw(st.sampled_from(sorted(SPACE)))
-        changes = {key: _random_value(data, key)} if parent is not None else {}
-        status = data.draw(st.sampled_from(["done", "done", "done", "diverged", "failed"]))
-        template = None
-        if parent is not None and data.draw(st.booleans()):
-            usable = [t for t in TEMPLATES if t.applies(history.files_at(parent)[t.file])]
-            template = data.draw(st.sampled_from(usable)) if usable else None
-            changes = {} if template is not None else changes
-        history.add(node_id, parent, data.draw(st.floats(0.0, 1.0)), changes, status=status,
-                    template=template)
+    history, count = draw_history(data, max_nodes=12)
     roles = tuple(data.draw(st.lists(st.sampled_from((None, *ROLES)), min_size=2, max_size=4),
                             label="roles"))
     applied = tuple(data.draw(st.lists(st.booleans(), min_size=len(roles),
