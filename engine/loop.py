@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,7 @@ class Engine:
         self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
                                    agent.name, self.journal.unfinished_iterations())
         self._watcher: EditWatcher | None = None
+        self._drawings: set[asyncio.Task[bool]] = set()  # block-end tree pictures underway
         self.failure: str | None = None  # why the run ended in error (its journal was lost)
         for node in nodes_from_journal(self.journal):
             self.tree.add(node)
@@ -284,6 +286,7 @@ class Engine:
                 await watcher.stop()
                 self._watcher = None
             await self.executor.aclose()
+            await asyncio.gather(*self._drawings, return_exceptions=True)
             close_agent = getattr(self.agent, "aclose", None)
             if close_agent is not None:
                 await close_agent()
@@ -745,11 +748,23 @@ class Engine:
         self.journal.append(attempt.iteration, Step.RECORDED, {"node": node.to_dict()},
                             attempt=attempt.number)
         if attempt.iteration % self.exploration.block_size == 0:  # as the original did
-            block = block_of(attempt.iteration, self.exploration.block_size)
-            try:  # without matplotlib (the analytics extra) it draws nothing
-                write_tree_picture(self.journal, self.paths.tree_picture(block))
-            except OSError as exc:
-                self.publish(ev.EngineError(f"the tree picture of block {block}: {exc}"))
+            self._draw_tree(block_of(attempt.iteration, self.exploration.block_size))
+
+    def _draw_tree(self, block: int) -> None:
+        """The block's tree picture, drawn in a thread: it takes about a second, which the
+        other slots' runs and commands must not wait for."""
+        nodes = [copy.copy(node) for node in self.tree]
+        drawing = asyncio.create_task(asyncio.to_thread(
+            write_tree_picture, nodes, self.paths.tree_picture(block)))
+        self._drawings.add(drawing)
+
+        def drawn(task: asyncio.Task[bool]) -> None:
+            self._drawings.discard(task)
+            if not task.cancelled() and isinstance(task.exception(), OSError):
+                self.publish(ev.EngineError(f"the tree picture of block {block}: "
+                                            f"{task.exception()}"))
+
+        drawing.add_done_callback(drawn)
 
     def _skip(self, iteration: int, number: int, reason: str) -> None:
         self.journal.append(iteration, Step.RECORDED, {"node": None, "skipped": reason},

@@ -186,14 +186,14 @@ def write_report(run_dir: Path, against: Sequence[Path] = ()) -> Path:
     return path
 
 
-def write_tree_picture(journal: Journal, path: Path) -> bool:
-    """Draw the tree the journal holds to `path` (a PNG); False, having drawn nothing, when
-    matplotlib is not installed (the picture is optional: a run never needs it)."""
+def write_tree_picture(nodes: Sequence[Node], path: Path) -> bool:
+    """Draw the tree of `nodes` to `path` (a PNG); False, having drawn nothing, when
+    matplotlib is not installed (the picture is optional: a run never needs it). Plain data
+    in, no pyplot: the loop draws it in a thread, off its event loop."""
     try:
         plots.require()
     except plots.AnalyticsMissing:
         return False
-    nodes = nodes_from_journal(journal)
     path.parent.mkdir(parents=True, exist_ok=True)
     plots.draw_tree(tree_points(nodes), best_path(nodes), path,
                     title=f"the tree after iteration {max((n.id for n in nodes), default=0)}")

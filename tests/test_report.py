@@ -17,6 +17,7 @@ from scripted_agent import run_scripted
 from engine.ab import compare
 from engine.journal import Journal, RunEvent, Step
 from engine.paths import RunPaths
+from engine.records import nodes_from_journal
 from engine.report import (
     AB_PNG,
     CURVES_JSON,
@@ -204,7 +205,7 @@ def test_a_tree_picture_for_a_block_end(two_runs):
     run_dir = two_runs / "log" / "r1"
     picture = RunPaths(run_dir).tree_picture(1)
     with Journal.open_for_client(run_dir) as journal:
-        assert write_tree_picture(journal, picture)
+        assert write_tree_picture(nodes_from_journal(journal), picture)
     assert picture == run_dir / "memory" / "tree_block_001.png"
     assert_png(picture)
 
@@ -231,9 +232,11 @@ def test_without_matplotlib_the_report_says_what_to_install(two_runs):
     assert not (two_runs / "log" / "r2" / "report").exists()
     quiet = ("import sys; sys.modules['matplotlib'] = None\n"
              "from pathlib import Path\nfrom engine.journal import Journal\n"
+             "from engine.records import nodes_from_journal\n"
              "from engine.report import write_tree_picture\n"
              "with Journal.open_for_client('log/r2') as journal:\n"
-             "    print(write_tree_picture(journal, Path('log/r2/memory/tree.png')))\n")
+             "    print(write_tree_picture(nodes_from_journal(journal),\n"
+             "                             Path('log/r2/memory/tree.png')))\n")
     skipped = subprocess.run([sys.executable, "-c", quiet], cwd=two_runs, capture_output=True,
                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert skipped.stdout.strip() == "False", skipped.stderr
