@@ -28,6 +28,7 @@ from engine.agents.base import AgentContext, AgentReply, InFlight
 from engine.agents.heuristic import HeuristicAgent, same_value
 from engine.agents.templates import template_of
 from engine.config import ExperimentConfig
+from engine.logs import format_number
 from engine.memory import MEMORY_TEMPLATE, Memory
 from engine.proposal import Proposal, Strategy
 
@@ -106,7 +107,8 @@ def dump(reply: AgentReply) -> str:
 def test_a_slot_does_not_repeat_the_step_another_slot_has_in_flight():
     history = History().add(1, None, 0.78).add(2, 1, 0.85, {HIDDEN: 128})
     first = ask(history, 3, slot=1, slots=2)
-    assert (first.proposal.parent_id, first.proposal.config_changes) == (2, {HIDDEN: 256})
+    assert first.proposal.parent_id == 2
+    ((key, value),) = first.proposal.config_changes.items()
     # without the other slot in its context, slot 2 would run the very same change
     blind = ask(history, 4, slot=2, slots=2)
     assert duplicates(blind.proposal, in_flight(first, 3, 1))
@@ -117,18 +119,22 @@ def test_a_slot_does_not_repeat_the_step_another_slot_has_in_flight():
     lines = second.reasoning.splitlines()
     assert lines[0] == "Slot 2 of 2, no role: the protocol's own choice."
     assert lines[1] == ("In flight in other slots: iteration 3 (slot 1, review): "
-                        "model.hidden_dim: 128 -> 256 from node 2.")
-    assert lines[2] == ("Stepped around as in flight already: model.hidden_dim -> 256 from "
-                        "node 2 (iteration 3, slot 1).")
+                        f"{first.proposal.mutation} from node 2.")
+    assert lines[2] == (f"Stepped around as in flight already: {key} -> {format_number(value)} "
+                        "from node 2 (iteration 3, slot 1).")
 
 
 def test_two_slots_never_step_one_key_the_same_way_from_one_parent():
     history = History().add(1, None, 0.78).add(2, 1, 0.85, {OMEGA: 40.0})
     first = ask(history, 3, slot=1, slots=2)
-    assert first.proposal.parent_id == 2 and first.proposal.config_changes[OMEGA] > 40.0
+    assert first.proposal.parent_id == 2
+    ((key, value),) = first.proposal.config_changes.items()
+    way = (value > history.nodes[2].config[key.split(".")[0]][key.split(".")[1]])
     second = ask(history, 4, slot=2, slots=2, flights=(in_flight(first, 3, 1),))
     change = second.proposal.config_changes
-    assert second.proposal.parent_id != 2 or OMEGA not in change or change[OMEGA] < 40.0
+    if second.proposal.parent_id == 2 and key in change:
+        old = history.nodes[2].config[key.split(".")[0]][key.split(".")[1]]
+        assert (change[key] > old) != way
 
 
 def test_four_slots_filled_one_after_another_all_differ():
@@ -234,14 +240,14 @@ def test_challenge_steps_a_principles_key_against_the_way_it_says_helps():
     memory = with_principle("- Raising model.hidden_dim helped in block 1 (nodes 2, 6)")
     reply = ask(history, 6, slots=2, role="challenge", candidates=CANDIDATES, memory=memory)
     assert reply.proposal.parent_id == 4
-    assert reply.proposal.config_changes == {HIDDEN: 64}  # down from node 4's 128
+    assert reply.proposal.config_changes in ({HIDDEN: 64}, {HIDDEN: 32})  # down from 128
     assert "Raising model.hidden_dim helped" in reply.proposal.hypothesis
     assert "challenges a principle" in reply.proposal.analysis
     # a principle that says to hold a key: step it either way, never a no-op
     memory = with_principle("- Keep frames_per_batch at 4: it is settled (nodes 3, 5)")
     held = ask(history, 6, slots=2, role="challenge", candidates=CANDIDATES, memory=memory)
     assert set(held.proposal.config_changes) == {FPB}
-    assert held.proposal.config_changes[FPB] in (2, 8)
+    assert held.proposal.config_changes[FPB] != 4
 
 
 def test_challenge_without_a_principle_says_so_and_follows_the_table():

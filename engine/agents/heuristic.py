@@ -22,6 +22,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.agents.base import ROLE_MEANINGS, AgentContext, AgentReply, InFlight, NodeSummary
+from engine.agents.principles import observations, principles, revise
+from engine.agents.search_model import (
+    CostModel,
+    Encoder,
+    GainModel,
+    Move,
+    Observed,
+    is_number,
+    one_key_values,
+    rank_moves,
+    same_value,
+)
 from engine.agents.templates import TEMPLATES, CodeTemplate, template_of
 from engine.config import ExperimentConfig, ParamRange
 from engine.logs import format_number, one_line, quality_word
@@ -39,7 +51,6 @@ from engine.proposal import Proposal, Strategy
 # The protocol's thresholds, named after its wording.
 FORCED_BRANCH_CHAIN_LENGTH = 4  # "the block's nodes form one chain, length >= 4"
 SWITCH_AFTER_SAME_KEY_MUTATIONS = 4  # "the last 4 mutations along this lineage"
-BOUNDARY_PROBE_SUCCESSES_IN_A_ROW = 3  # "3 successes in a row"
 CODE_GATE_BEST_R2_BELOW = 0.75  # "the best R2 of the block stayed < 0.75 ..."
 CODE_GATE_POOR_ITERATIONS = 4  # "... for 4+ iterations"
 CODE_GATE_PAST_ITERATION = 4  # "the block is past its 4th iteration"
@@ -48,11 +59,9 @@ GOOD_R2 = 0.90  # "a good node (R2 >= 0.90)"
 RETEST_MIN_BLOCK_NODES = 6  # "the block has >= 6 nodes"
 ROBUST_R2_BAND = 0.02  # "a result within +-0.02 counts as robust"
 
-# Step sizes of Step 5.1.
-LOG_STEP_FACTORS = (2.0, 3.0)  # "multiply or divide by 2-3"
-BOUNDARY_PROBE_LOG_FACTOR = 10.0  # "(boundary-probe: 10)"
-LINEAR_STEP_FRACTIONS = (0.2, 0.3, 0.4, 0.5)  # "+-20-50 %"
-SIGNIFICANT_DIGITS = 3  # proposed floats read like a person typed them
+# The model's part: how many nodes it is fitted to, and the noise before any re-test.
+MODEL_NODES_CAP = 200  # the best half and the latest half of this many: the fit stays fast
+NOISE_PRIOR_R2 = 0.01  # R² spread over training seeds until a re-test measured it
 
 SEED_KEY = "training.seed"
 LEVEL_R2_BAND = 0.005  # a change this small reads as "level" in the prose
@@ -112,19 +121,9 @@ class Plan:
     changes: Mapping[str, Any] = field(default_factory=dict)
     template: CodeTemplate | None = None
     note: str = ""  # one extra sentence for the analysis
+    move: Move | None = None  # what the models expected of a config move
     do_not_retry: tuple[str, ...] = ()
     role: str | None = None  # the slot role that chose this plan (None: the table did)
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Equality that treats 3e-05 and 3.0000000000000004e-05 as the same config value."""
-    if _is_number(a) and _is_number(b):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def node_name(node_id: int | None) -> str:
@@ -185,6 +184,7 @@ class History:
         self.unapplied = tuple(f for f in context.in_flight if f.iteration not in self.by_id)
         self._flight_runs: dict[tuple[Any, ...], InFlight] = {}
         self.collisions: list[str] = []  # in-flight changes this plan stepped around
+        self._models: dict[tuple[str, ...], tuple[GainModel, CostModel]] = {}
 
     # nodes
     def parent(self, node: NodeSummary) -> NodeSummary | None:
@@ -363,12 +363,74 @@ class History:
     def regime(self, node_id: int | None) -> tuple[Any, Any]:
         return self.value(node_id, "dataset.field"), self.value(node_id, "dataset.n_frames")
 
+    # the models of the search space
+    def space_values(self, node_id: int | None) -> dict[str, Any]:
+        return {key: self.value(node_id, key) for key in self.keys}
 
-# -- stepping one parameter ----------------------------------------------------------------
+    def observed(self, node: NodeSummary) -> Observed:
+        """A node as the models see it: diverged scores 0, as the tree scores it; a failed
+        node has no score but its training time, when it has one, still counts."""
+        r2 = node.r2 if node.status == "done" else 0.0 if node.status == "diverged" else None
+        seconds = node.metrics.get("training_time_s")
+        finite = is_number(seconds) and math.isfinite(seconds) and seconds > 0
+        return Observed(self.space_values(node.id), r2, seconds if finite else None)
+
+    def models(self, parent_id: int | None) -> tuple[GainModel, CostModel]:
+        """The gain model for moves from `parent_id`, fitted to the nodes that ran the
+        parent's code when three or more did (else to every node that ran), and the cost
+        model, fitted to every node that ran (a code change moves R² more than time)."""
+        signature = self.code_signature(parent_id)
+        if signature not in self._models:
+            ran = [n for n in self.context.nodes if n.status not in NOT_RUN]
+            same = [n for n in ran if self.code_signature(n.id) == signature]
+            pool = _capped(same if len(same) >= 3 else ran)
+            gain = GainModel(Encoder(self.space), [self.observed(n) for n in pool],
+                             seed=self.config.exploration.seed)
+            cost = CostModel(self.space, [self.observed(n) for n in _capped(ran)])
+            self._models[signature] = gain, cost
+        return self._models[signature]
+
+    def seed_group(self, node: NodeSummary) -> list[NodeSummary]:
+        """The finished nodes that ran the node's code and config but for the training seed."""
+        key = self._seedless_key(node.id)
+        return [n for n in self.context.nodes
+                if n.status == "done" and self._seedless_key(n.id) == key]
+
+    def _seedless_key(self, node_id: int) -> tuple[Any, ...]:
+        flat = {k: v for k, v in self.flat_config(node_id).items() if k != SEED_KEY}
+        return self._run_key(node_id, flat)
+
+    def noise(self) -> tuple[float, int]:
+        """The R² spread over training seeds (a standard deviation), pooled over every group
+        of seed re-runs, with its degrees of freedom; `NOISE_PRIOR_R2` and 0 before any."""
+        groups: dict[tuple[Any, ...], list[float]] = {}
+        for node in self.context.nodes:
+            if node.status == "done":
+                groups.setdefault(self._seedless_key(node.id), []).append(node.r2)
+        squares, freedom = 0.0, 0
+        for values in groups.values():
+            mean = sum(values) / len(values)
+            squares += sum((value - mean) ** 2 for value in values)
+            freedom += len(values) - 1
+        if not freedom:
+            return NOISE_PRIOR_R2, 0
+        return max(math.sqrt(squares / freedom), 1e-4), freedom
 
 
-def _round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
-    return float(f"{value:.{digits}g}") if value else 0.0
+def _capped(nodes: Sequence[NodeSummary]) -> list[NodeSummary]:
+    """At most `MODEL_NODES_CAP` nodes: the best half by R² and the latest half."""
+    if len(nodes) <= MODEL_NODES_CAP:
+        return list(nodes)
+    half = MODEL_NODES_CAP // 2
+    chosen = {n.id: n for n in sorted(nodes, key=lambda n: (-n.r2, n.id))[:half]}
+    for node in sorted(nodes, key=lambda n: -n.id):
+        if len(chosen) >= MODEL_NODES_CAP:
+            break
+        chosen.setdefault(node.id, node)
+    return sorted(chosen.values(), key=lambda n: n.id)
+
+
+# -- directions ----------------------------------------------------------------------------
 
 
 def _choice_index(choices: Sequence[Any], current: Any) -> int:
@@ -392,43 +454,6 @@ def direction_of(spec: ParamRange, old: Any, new: Any) -> int:
         except (TypeError, ValueError):
             return 0
     return (delta > 0) - (delta < 0)
-
-
-def step_value(spec: ParamRange, current: Any, direction: int, rng: random.Random,
-               *, probe: bool = False) -> Any | None:
-    """One protocol step of a value in `direction` (+1/-1), inside the range; None when the
-    range leaves no room that way. `probe` takes the boundary-probe's bigger step."""
-    if spec.choices is not None:
-        choices = list(spec.choices)
-        index = _choice_index(choices, current)
-        target = (len(choices) - 1 if direction > 0 else 0) if probe else index + direction
-        if not 0 <= target < len(choices) or same_value(choices[target], current):
-            return None
-        return choices[target]
-    if isinstance(current, bool) or not isinstance(current, int | float):
-        return None
-    low, high = float(spec.low), float(spec.high)
-    value = float(current)
-    if spec.log:
-        factor = BOUNDARY_PROBE_LOG_FACTOR if probe else rng.choice(LOG_STEP_FACTORS)
-        base = value if value > 0 else low
-        new = base * factor if direction > 0 else base / factor
-    elif probe:
-        new = high if direction > 0 else low
-    else:
-        fraction = rng.choice(LINEAR_STEP_FRACTIONS)
-        size = abs(value) * fraction or (high - low) * fraction
-        new = value + direction * size
-    new = min(max(new, low), high)
-    if spec.integer:
-        stepped = int(round(new))
-        if stepped == int(round(value)):
-            stepped += direction
-        if not low <= stepped <= high or same_value(stepped, value):
-            return None
-        return stepped
-    new = min(max(_round_significant(new), low), high)
-    return None if same_value(new, value) else new
 
 
 # -- the decision --------------------------------------------------------------------------
@@ -469,6 +494,10 @@ class Planner:
         self.context = context
         self.history = History(context, config, avoid)
         self.rng = derive_rng(config.exploration.seed, context)
+        self.wall_s = config.exploration.timeouts.wall_s
+        # the share of the run's iterations still to come: the cost's weight in a move's rank
+        total = max(config.exploration.iterations, context.iteration)
+        self.budget_left = (total - context.iteration + 1) / total
         self._files: dict[tuple[int | None, str], str] = {}
         self.role_miss = ""  # why the slot's role could not be followed, when it could not
 
@@ -481,11 +510,9 @@ class Planner:
             self.block_start,
             self.forced_branch,
             self.switch_parameter,
-            self.boundary_probe,
             self.code_modification,
             self.explore_stagnation,
             self.retest,
-            self.recombine,
         )
         for row in rows:
             plan = row()
@@ -500,16 +527,32 @@ class Planner:
         return ordered
 
     def _one_step(self, parent_id: int | None, keys: Sequence[str],
-                  directions: Sequence[int] | None = None) -> tuple[str, Any] | None:
-        """The first (key, new value) among `keys` that stays in range and is new here."""
+                  directions: Sequence[int] | None = None,
+                  extra: Sequence[Mapping[str, Any]] = ()) -> Move | None:
+        """The models' best move from the parent among the one-key moves of `keys` (only
+        those going `directions`, when given) and the `extra` changes, leaving out what was
+        tried, rejected or is in flight, and what would pass the wall-time limit."""
         h = self.history
+        changes: list[Mapping[str, Any]] = []
         for key in keys:
-            spec = h.space[key]
-            for direction in directions or self._shuffled((1, -1)):
-                value = step_value(spec, h.value(parent_id, key), direction, self.rng)
-                if value is not None and not h.taken(parent_id, {key: value}):
-                    return key, value
-        return None
+            spec, old = h.space[key], h.value(parent_id, key)
+            for value in one_key_values(spec, old):
+                if directions and direction_of(spec, old, value) not in directions:
+                    continue
+                if not h.taken(parent_id, {key: value}):
+                    changes.append({key: value})
+        changes += [change for change in extra if not h.taken(parent_id, change)]
+        if not changes:
+            return None
+        gain, cost = h.models(parent_id)
+        moves = rank_moves(gain, cost, h.space_values(parent_id), changes, self.budget_left,
+                           self.wall_s)
+        return moves[0] if moves else None
+
+    def _some_step(self, parent_id: int | None, preferred: Sequence[str]) -> Move | None:
+        """The best move on the `preferred` keys, else on any key."""
+        return (self._one_step(parent_id, preferred) if preferred else None) or \
+            self._one_step(parent_id, self.history.keys)
 
     def _preferring(self, preferred: Iterable[str]) -> list[str]:
         """All search-space keys, `preferred` ones first (each group shuffled)."""
@@ -555,12 +598,29 @@ class Planner:
         return self.rng.choice(usable) if usable else None
 
     def _key_plan(self, row: int, strategy: Strategy, parent_id: int | None, rule: str,
-                  why: str, step: tuple[str, Any], note: str = "",
-                  do_not_retry: tuple[str, ...] = ()) -> Plan:
-        key, value = step
-        old = self.history.value(parent_id, key)
-        return Plan(row, strategy, parent_id, rule, why, key_hypothesis(self.history, key, old,
-                    value), {key: value}, note=note, do_not_retry=do_not_retry)
+                  why: str, move: Move, note: str = "", do_not_retry: tuple[str, ...] = (),
+                  hypothesis: str = "") -> Plan:
+        if not hypothesis:
+            (key, value), = move.changes.items()
+            hypothesis = key_hypothesis(self.history, key, self.history.value(parent_id, key),
+                                        value)
+        note = " ".join(part for part in (note, self._expectation(parent_id, move)) if part)
+        return Plan(row, strategy, parent_id, rule, why, hypothesis, dict(move.changes),
+                    note=note, do_not_retry=do_not_retry, move=move)
+
+    def _expectation(self, parent_id: int | None, move: Move) -> str:
+        """The analysis' sentence on what the models expect of the move."""
+        gain, cost = self.history.models(parent_id)
+        if gain.best is None:
+            text = "No node has a score yet, so the model expects nothing of this move"
+        else:
+            text = (f"The model (a Gaussian process on {gain.size} scored nodes) expects R2 "
+                    f"{move.predicted_r2:.3f} here, an expected gain of "
+                    f"{move.expected_gain:+.4f} over the best {gain.best:.3f}")
+        if move.seconds is not None and move.seconds_high is not None:
+            text += (f"; training about {move.seconds:.0f} s (at most {move.seconds_high:.0f} s "
+                     f"against the {self.wall_s:.0f} s limit; times of {cost.size} nodes)")
+        return text + "."
 
     def _seed_plan(self, row: int, strategy: Strategy, parent: NodeSummary, rule: str,
                    why: str) -> Plan:
@@ -625,15 +685,15 @@ class Planner:
                             template=template, do_not_retry=notes,
                             note=f"{lead}; replacing it with another template, "
                                  f"{template.name}.")
-            step = self._one_step(parent_id, self._shuffled(h.keys))
+            step = self._one_step(parent_id, h.keys)
             if step is not None:
                 return self._key_plan(2, Strategy.REPAIR, parent_id, rule,
                                       why + " No other template applies there: change config.",
                                       step, note=f"{lead}; falling back to a config-only change.",
                                       do_not_retry=notes)
         else:
-            step = self._one_step(parent_id, self._preferring(
-                k for k in h.keys if k not in failed.config_changes))
+            step = self._some_step(parent_id,
+                                   [k for k in h.keys if k not in failed.config_changes])
             if step is not None:
                 return self._key_plan(2, Strategy.REPAIR, parent_id, rule, why, step,
                                       note=f"{lead}; proposing a different config change.")
@@ -646,7 +706,7 @@ class Planner:
     def no_finished_parent(self) -> Plan | None:
         if self.history.candidates():
             return None
-        step = self._one_step(None, self._shuffled(self.history.keys))
+        step = self._one_step(None, self.history.keys)
         if step is None:
             return None
         return self._key_plan(1, Strategy.EXPLORE, None, "Root (no finished node yet)",
@@ -695,20 +755,20 @@ class Planner:
         candidates = h.candidates()
         pool = candidates[1:] or candidates
         ordered = sorted(pool, key=lambda n: (h.visits(n.id), candidates.index(n)))
-        usage = h.key_usage()
         for parent in ordered:
             tried = h.keys_tried_at(parent.id)
-            keys = sorted(self._shuffled(h.keys), key=lambda k: (k in tried, usage.get(k, 0)))
-            step = self._one_step(parent.id, keys)
+            step = self._some_step(parent.id, [k for k in h.keys if k not in tried])
             if step is None:
                 continue
             rank = candidates.index(parent) + 1
+            keys = ", ".join(step.changes)
             return self._key_plan(
                 8, Strategy.EXPLORE, parent.id,
                 f"Node {parent.id} (explore: rank {rank} of {len(candidates)}, "
                 f"{h.visits(parent.id)} children)",
-                f"Node {parent.id} is among the least visited candidates below the best; "
-                f"{step[0]} is the least changed key untried there.", step)
+                f"Node {parent.id} is among the least visited candidates below the best; the "
+                f"model's best move there ({keys}) is on a key untried there where one has "
+                "a move left.", step)
         self.role_miss = "every less-visited candidate's steps are taken or in flight"
         return None
 
@@ -723,14 +783,14 @@ class Planner:
                 step = self._one_step(parent.id, [key], [-favoured] if favoured else None)
                 if step is None:
                     continue
-                value = format_number(step[1])
+                value = format_number(step.changes[key])
                 hypothesis = (f"The principle \"{line.lstrip('- ')}\" does not hold at node "
                               f"{parent.id}: with {key} at {value}, R2 stays within "
                               f"+-{ROBUST_R2_BAND} of the parent's or rises.")
-                return Plan(
+                return self._key_plan(
                     8, Strategy.EXPLORE, parent.id, f"Node {parent.id} (challenge a principle)",
                     f"Test a principle of memory.md by stepping {key} against it at the best "
-                    "candidate.", hypothesis, dict([step]),
+                    "candidate.", step, hypothesis=hypothesis,
                     note=f"It challenges a principle of memory.md ({line.lstrip('- ')}).")
         self.role_miss = (f"no established principle of memory.md names a search-space key "
                           f"with a step left at node {parent.id}" if lines else
@@ -745,8 +805,7 @@ class Planner:
         best = h.best_done(self.context.nodes) or self._default_parent()
         if best is None:
             return None
-        step = self._one_step(best.id, self._preferring(
-            k for k in h.keys if k not in h.keys_tried_at(best.id)))
+        step = self._one_step(best.id, h.keys)
         if step is None:
             return None
         field_name, n_frames = h.regime(best.id)
@@ -767,12 +826,10 @@ class Planner:
             return None
         tip = chain[-1]
         parents = sorted((n for n in chain[:-1] if n.status == "done"), key=lambda n: (-n.r2, n.id))
-        touched = [k for n in chain for k in n.config_changes]
+        touched = {k for n in chain for k in n.config_changes}
         untouched = [k for k in h.keys if k not in touched]
-        keys = self._shuffled(untouched) + sorted(
-            (k for k in h.keys if k not in untouched), key=lambda k: (touched.count(k), k))
         for parent in parents:
-            step = self._one_step(parent.id, keys)
+            step = self._some_step(parent.id, untouched)
             if step is not None:
                 return self._key_plan(
                     4, Strategy.FORCED_BRANCH, parent.id,
@@ -796,9 +853,8 @@ class Planner:
         repeated = keys[0]
         lineage_keys = {k for n in h.lineage(parent.id) for k in n.config_changes}
         others = [k for k in h.keys if k != repeated]
-        order = self._shuffled(k for k in others if k not in lineage_keys) + self._shuffled(
-            k for k in others if k in lineage_keys)
-        step = self._one_step(parent.id, order)
+        step = self._one_step(parent.id, [k for k in others if k not in lineage_keys]) or \
+            self._one_step(parent.id, others)
         if step is None:
             return None
         ids = ", ".join(str(n.id) for n in recent)
@@ -806,38 +862,6 @@ class Planner:
             5, Strategy.SWITCH_PARAMETER, parent.id, f"Node {parent.id} (highest score)",
             f"The last {len(recent)} mutations along node {parent.id}'s lineage (nodes {ids}) "
             f"all changed {repeated}: switch to another key.", step)
-
-    # row 6
-    def boundary_probe(self) -> Plan | None:
-        h = self.history
-        parent = self._default_parent()
-        if parent is None:
-            return None
-        streak = h.lineage(parent.id)[:BOUNDARY_PROBE_SUCCESSES_IN_A_ROW]
-        if len(streak) < BOUNDARY_PROBE_SUCCESSES_IN_A_ROW or not all(
-                h.is_success(n) for n in streak):
-            return None
-        for node in streak:
-            key = h.single_key(node)
-            if key is None or key not in h.space:
-                continue
-            spec = h.space[key]
-            direction = direction_of(spec, h.value(node.parent_id, key), h.value(node.id, key))
-            if direction == 0:
-                continue
-            old = h.value(parent.id, key)
-            value = step_value(spec, old, direction, self.rng, probe=True)
-            if value is None or h.taken(parent.id, {key: value}):
-                return None
-            ids = ", ".join(str(n.id) for n in streak)
-            way = "up" if direction > 0 else "down"
-            hypothesis = (f"Pushing {key} further {way}, to {format_number(value)}, finds where "
-                          f"it stops helping: R2 falls below node {parent.id}'s there.")
-            return Plan(6, Strategy.BOUNDARY_PROBE, parent.id, f"Node {parent.id} (highest score)",
-                        f"Nodes {ids} each beat their parent ({len(streak)} successes in a row) "
-                        f"and {key} kept helping going {way}: probe toward the edge of its range.",
-                        hypothesis, {key: value})
-        return None
 
     # row 7
     def code_modification(self) -> Plan | None:
@@ -884,60 +908,48 @@ class Planner:
         # a mid-scored node: the best one was exploited already
         ordered = pool[len(pool) // 2:] + pool[:len(pool) // 2]
         for parent in ordered:
-            step = self._one_step(parent.id, self._preferring(
-                k for k in h.keys if k not in h.keys_tried_at(parent.id)))
+            step = self._one_step(parent.id, h.keys)
             if step is not None:
                 where = "off the recent chain" if parent in off_chain else "mid-scored"
                 return self._key_plan(
                     8, Strategy.EXPLORE, parent.id, f"Node {parent.id} ({where})",
                     f"The block's best R2 (node {ran[best_index].id}) has not improved for "
-                    f"{len(ran) - 1 - best_index} iterations: explore from another branch, on "
-                    "a key untried there.", step)
+                    f"{len(ran) - 1 - best_index} iterations: explore from another branch.",
+                    step)
         return None
 
     # row 9
     def retest(self) -> Plan | None:
+        """A re-test pays only when the best node's lead over its nearest rival (another
+        config or code) is inside the seed noise: one more seed tells them apart."""
         h = self.history
-        if len(h.block_nodes) < RETEST_MIN_BLOCK_NODES:
-            return None
-        for node in sorted(h.candidates(), key=lambda n: (-n.r2, n.id)):
-            if node.status != "done" or node.r2 < GOOD_R2 or node.strategy == Strategy.RETEST:
-                continue
-            if h.seed_rerun(node.id):
-                continue
-            return self._seed_plan(
-                9, Strategy.RETEST, node, f"Node {node.id} (good, never re-run)",
-                f"Node {node.id} is {quality_word(node.r2)} and was never re-run, and the block "
-                f"has {len(h.block_nodes)} nodes: re-test it with another training seed.")
-        return None
-
-    # row 10
-    def recombine(self) -> Plan | None:
-        h = self.history
-        good = sorted((n for n in h.candidates() if n.status == "done" and n.r2 >= GOOD_R2),
+        done = sorted((n for n in h.candidates() if n.status == "done"),
                       key=lambda n: (-n.r2, n.id))
-        for better in good:
-            for other in good:
-                if other.id == better.id or h.is_ancestor(other, better) \
-                        or h.is_ancestor(better, other):
-                    continue
-                common = h.common_ancestor(better, other)
-                changes = {k: h.value(other.id, k) for k in h.keys
-                           if not same_value(h.value(common, k), h.value(other.id, k))
-                           and same_value(h.value(common, k), h.value(better.id, k))}
-                if h.taken(better.id, changes):
-                    continue
-                keys = ", ".join(changes)
-                return Plan(
-                    10, Strategy.RECOMBINE, better.id,
-                    f"Nodes {better.id} + {other.id} (recombine)",
-                    f"Nodes {better.id} and {other.id} are both good and in different branches: "
-                    f"give the better one the {keys} the other's branch changed.",
-                    f"Node {other.id}'s {keys} add to node {better.id}'s gains: the child beats "
-                    "both.", changes)
-        return None
+        if len(done) < 2 or len(h.seed_group(done[0])) > 1:
+            return None
+        best = done[0]
+        group = {n.id for n in h.seed_group(best)}
+        rival = next((n for n in done[1:] if n.id not in group), None)
+        if rival is None or h.seed_rerun(best.id):
+            return None
+        noise, freedom = h.noise()
+        gap = best.r2 - rival.r2
+        if gap > noise:
+            return None
+        move = self._one_step(best.id, h.keys)
+        if move is not None and move.expected_gain > noise:
+            return None  # a move expected to gain more than the noise pays better
+        measured = (f"measured over {freedom} re-run(s)" if freedom else
+                    "assumed until a re-test measures it")
+        expected = ("no move is left there" if move is None else
+                    f"the best move there is expected to gain only {move.expected_gain:.4f}")
+        return self._seed_plan(
+            9, Strategy.RETEST, best, f"Node {best.id} (best, its lead inside the noise)",
+            f"Node {best.id} leads node {rival.id} by {gap:.4f} R2, inside the seed noise "
+            f"({noise:.4f}, {measured}), and {expected}: one more training seed tells them "
+            "apart.")
 
-    # row 11
+    # row 10 (recombine) and row 11 (exploit): the models rank both kinds of move together
     def exploit(self) -> Plan:
         h = self.history
         candidates = h.candidates()
@@ -958,40 +970,47 @@ class Planner:
                         "new seed.", "A new training seed changes R2 by less than "
                         f"+-{ROBUST_R2_BAND}.", {SEED_KEY: seed})
         return self._seed_plan(11, Strategy.RETEST, parent, f"Node {parent.id} (highest score)",
-                               "Every one-key step from every candidate is taken: re-test the "
-                               "best one with another seed.")
+                               "Every one-key step from every candidate is taken or expected "
+                               "to pass the time limit: re-test the best one with another seed.")
 
     def _exploit_at(self, parent: NodeSummary, rule: str, lead: str) -> Plan | None:
-        """One step at `parent`: the key that last helped, the way it helped, else any key."""
-        helping = self._helping_key(parent)
-        if helping is not None:
-            key, direction, helper = helping
-            step = self._one_step(parent.id, [key], [direction])
-            if step is not None:
-                way = "up" if direction > 0 else "down"
-                return self._key_plan(
-                    11, Strategy.EXPLOIT, parent.id, rule,
-                    f"{lead}: step {key} {way} again, the way it helped at node {helper.id}.",
-                    step)
-        step = self._one_step(parent.id, self._shuffled(self.history.keys))
+        """The models' best move at `parent`: a one-key step, or the keys a good node of
+        another branch changed (a recombination)."""
+        donors = self._recombinations(parent)
+        step = self._one_step(parent.id, self.history.keys, extra=[c for _, c in donors])
         if step is None:
             return None
-        return self._key_plan(11, Strategy.EXPLOIT, parent.id, rule,
-                              f"{lead} and no key has helped along this lineage yet: step a "
-                              "random key.", step)
+        donor = next((other for other, changes in donors
+                      if dict(changes) == dict(step.changes)), None)
+        if donor is None:
+            return self._key_plan(11, Strategy.EXPLOIT, parent.id, rule,
+                                  f"{lead}: the model's best move from node {parent.id}.", step)
+        keys = ", ".join(step.changes)
+        return self._key_plan(
+            10, Strategy.RECOMBINE, parent.id, f"Nodes {parent.id} + {donor.id} (recombine)",
+            f"Nodes {parent.id} and {donor.id} are both good and in different branches, and the "
+            f"model expects most of giving node {parent.id} the {keys} node {donor.id}'s branch "
+            "changed.", step,
+            hypothesis=f"Node {donor.id}'s {keys} add to node {parent.id}'s gains: the child "
+                       "beats both.")
 
-    def _helping_key(self, parent: NodeSummary) -> tuple[str, int, NodeSummary] | None:
-        """The key whose change last helped along `parent`'s lineage, and which way."""
+    def _recombinations(self, parent: NodeSummary) -> list[tuple[NodeSummary, dict[str, Any]]]:
+        """For each good node of another branch: the search-space values its branch changed
+        (since the common ancestor) that `parent`'s branch left as they were."""
         h = self.history
-        for node in h.lineage(parent.id):
-            key = h.single_key(node)
-            if key is None or key not in h.space or not h.is_success(node):
+        found = []
+        for other in sorted((n for n in h.candidates() if n.status == "done" and n.r2 >= GOOD_R2),
+                            key=lambda n: (-n.r2, n.id)):
+            if other.id == parent.id or h.is_ancestor(other, parent) \
+                    or h.is_ancestor(parent, other):
                 continue
-            direction = direction_of(h.space[key], h.value(node.parent_id, key),
-                                     h.value(node.id, key))
-            if direction:
-                return key, direction, node
-        return None
+            common = h.common_ancestor(parent, other)
+            changes = {k: h.value(other.id, k) for k in h.keys
+                       if not same_value(h.value(common, k), h.value(other.id, k))
+                       and same_value(h.value(common, k), h.value(parent.id, k))}
+            if changes and all(c != changes for _, c in found):
+                found.append((other, changes))
+        return found
 
 
 def principle_keys(line: str, keys: Sequence[str]) -> list[tuple[str, int]]:
@@ -1070,7 +1089,7 @@ def latest_node(history: History) -> NodeSummary | None:
 def _biased(node: NodeSummary) -> bool:
     """A slope far from 1: the fit under- or over-shoots the amplitudes."""
     slope = node.metrics.get("slope")
-    return _is_number(slope) and math.isfinite(slope) and abs(slope - 1) > SLOPE_BIAS_BAND
+    return is_number(slope) and math.isfinite(slope) and abs(slope - 1) > SLOPE_BIAS_BAND
 
 
 def describe_latest(history: History) -> str:
@@ -1298,29 +1317,11 @@ def compress_block(history: History, memory: Memory, block: int,
     field_name, n_frames = history.regime(best.id if best is not None else None)
     set_regime_row(history, memory, block)
 
-    effects: dict[tuple[str, int, bool], list[int]] = {}
     worked: list[tuple[float, NodeSummary]] = []
     for node in nodes:
-        key = history.single_key(node)
         parent = history.parent(node)
-        if parent is None or parent.status != "done" or node.status != "done":
-            continue
-        delta = node.r2 - parent.r2
-        worked.append((delta, node))
-        if key is None or key not in history.space or abs(delta) <= LEVEL_R2_BAND:
-            continue
-        direction = direction_of(history.space[key], history.value(parent.id, key),
-                                 history.value(node.id, key))
-        if direction:
-            effects.setdefault((key, direction, delta > 0), []).append(node.id)
-    principles = []
-    for (key, direction, helped), ids in sorted(effects.items()):
-        if len(ids) >= 2:
-            way = "Raising" if direction > 0 else "Lowering"
-            verb = "helped" if helped else "hurt"
-            principles.append(f"- {way} {key} {verb} in block {block} "
-                              f"(nodes {', '.join(map(str, ids))})")
-    memory.add_unique("established principles", principles)
+        if parent is not None and parent.status == "done" and node.status == "done":
+            worked.append((node.r2 - parent.r2, node))
     if best is not None:
         questions = [f"- Does block {block}'s best config (node {best.id}) keep its lead on "
                      "another field or n_frames?"]
@@ -1363,6 +1364,17 @@ def compress_block(history: History, memory: Memory, block: int,
         memory.set_body(key, [])
 
 
+def revise_principles(history: History, memory: Memory) -> None:
+    """Established principles from the whole tree's evidence: three or more agreeing
+    observations beyond the seed noise and none against; a contradicted one is withdrawn,
+    with a note in the observations naming the evidence against it."""
+    found = observations(history.context.nodes, history.space, history.noise()[0])
+    held, contradicted = principles(found)
+    lines, withdrawn = revise(memory.body("established principles"), held, contradicted)
+    memory.set_body("established principles", lines)
+    memory.add_unique("observations", withdrawn)
+
+
 def compose_memory(history: History, plan: Plan, mutation: str,
                    do_not_retry: Sequence[str]) -> str:
     """The whole new memory.md: the Knowledge Base kept, this iteration's line appended, the
@@ -1393,6 +1405,7 @@ def compose_memory(history: History, plan: Plan, mutation: str,
             observations.append(f"- Node {latest.id} is the block's best so far "
                                 f"({quality_word(latest.r2)}): {latest.mutation or 'no change'}.")
     memory.add_unique("observations", observations)
+    revise_principles(history, memory)
 
     field_name, n_frames = history.regime(plan.parent_id)
     memory.set_body("info", [
