@@ -3,6 +3,9 @@ agent and the training taken out: an instant scripted agent and an instant runne
 
 Runs one exploration of 1,000 iterations on the fake test experiment and prints the median
 cost per iteration around 10, 100 and 1,000 nodes, side by side, with ratios to the first.
+Block ends start the tree picture's drawer, a child process (one at a time, the others are
+skipped): it competes for the CPU but never for the engine's event loop; the count of
+pictures drawn is printed too.
 
 usage: python bench/engine_overhead.py [--nodes 1000]
 """
@@ -32,6 +35,7 @@ from engine.runner import RunResult, RunStatus  # noqa: E402
 from engine.runs import RunSettings  # noqa: E402
 
 TARGET_MS = 20.0
+BLOCK_SIZE = 12
 
 
 class ConfigOnlyAgent(ScriptedAgent):
@@ -60,7 +64,7 @@ class InstantRunner:
         pass
 
 
-async def measure(root: Path, nodes: int, agent) -> dict[int, float]:
+async def measure(root: Path, nodes: int, agent) -> tuple[dict[int, float], int]:
     config = load_config(root / "configs" / "fake.yaml")
     settings = RunSettings(name="bench", config_path="fake.yaml", iterations=nodes,
                            approval="auto", agent="scripted", runner="subprocess")
@@ -77,22 +81,24 @@ async def measure(root: Path, nodes: int, agent) -> dict[int, float]:
         await engine.run()
     finally:
         engine.close()
-    return {i: (starts[i + 1] - starts[i]) * 1000 for i in range(1, nodes + 1)}
+    pictures = len(list(engine.paths.memory_snapshots_dir.glob("tree_block_*.png")))
+    return {i: (starts[i + 1] - starts[i]) * 1000 for i in range(1, nodes + 1)}, pictures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
     args = parser.parse_args()
-    results = {}
+    results, pictures = {}, {}
     for label, agent in (("config-only", ConfigOnlyAgent()), ("half code edits", ScriptedAgent())):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "project"
             shutil.copytree(REPO / "tests" / "fakeproject", root,
                             ignore=shutil.ignore_patterns("__pycache__", "log"))
             config = root / "configs" / "fake.yaml"
-            config.write_text(config.read_text().replace("block_size: 4", "block_size: 12"))
-            results[label] = asyncio.run(measure(root, args.nodes, agent))
+            config.write_text(config.read_text().replace("block_size: 4",
+                                                         f"block_size: {BLOCK_SIZE}"))
+            results[label], pictures[label] = asyncio.run(measure(root, args.nodes, agent))
     marks = [m for m in (10, 100, 1000) if m <= args.nodes]
     print(f"engine overhead per iteration, ms (agent and training excluded; "
           f"target <= {TARGET_MS:g} ms at 1,000 nodes)")
@@ -107,6 +113,8 @@ def main() -> int:
             medians.append(median)
             cells.append(f"{median:>24.2f} {p90:>7.2f}")
         print(f"{mark:>6} " + " ".join(cells) + f" {medians[1] / medians[0]:>11.2f}x")
+    print(f"tree pictures drawn (of {args.nodes // BLOCK_SIZE} block ends): "
+          + ", ".join(f"{label} {count}" for label, count in pictures.items()))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +44,6 @@ from engine.progress import latest_progress
 from engine.proposal import Proposal, Strategy
 from engine.proposals import ProposalChecker, ProposalRejected, needs_review, review_of
 from engine.records import RunRecords, attempt_proposals, nodes_from_journal
-from engine.report import write_tree_picture
 from engine.review import Review, waiting_reviews
 from engine.runner import Runner, RunResult, RunStatus, make_runner
 from engine.runner.sandbox import missing_layers
@@ -53,6 +51,7 @@ from engine.runs import EngineError, OpenedRun, RunSettings, create_run, package
 from engine.slots import Flight, Slots
 from engine.state import RunState
 from engine.tree import Node, NodeStatus, Tree, block_of, status_after_run
+from engine.tree_picture import draw_tree_picture
 from engine.vcs import Lineage, VcsError
 from engine.watch import CHECKOUT, WORKSPACE, EditWatcher, ManualEdits
 from engine.workspace import CodeStore
@@ -110,7 +109,7 @@ class Engine:
         self.commits = NodeCommits(self.lineage, self.code, self.journal, self.settings.name,
                                    agent.name, self.journal.unfinished_iterations())
         self._watcher: EditWatcher | None = None
-        self._drawings: set[asyncio.Task[bool]] = set()  # block-end tree pictures underway
+        self._drawings: set[asyncio.Task[str | None]] = set()  # block-end tree pictures underway
         self.failure: str | None = None  # why the run ended in error (its journal was lost)
         for node in nodes_from_journal(self.journal):
             self.tree.add(node)
@@ -751,18 +750,20 @@ class Engine:
             self._draw_tree(block_of(attempt.iteration, self.exploration.block_size))
 
     def _draw_tree(self, block: int) -> None:
-        """The block's tree picture, drawn in a thread: it takes about a second, which the
-        other slots' runs and commands must not wait for."""
-        nodes = [copy.copy(node) for node in self.tree]
-        drawing = asyncio.create_task(asyncio.to_thread(
-            write_tree_picture, nodes, self.paths.tree_picture(block)))
+        """The block's tree picture, drawn by a child process (`engine.tree_picture`): a
+        second of matplotlib holds the GIL, which the other slots' runs and commands must not
+        wait for. The run's shutdown waits for the drawer (the last picture) or kills it."""
+        if self._drawings:  # skipped: one drawer at a time, and the next picture has it all
+            return
+        drawing = asyncio.create_task(draw_tree_picture(
+            self.run_dir, block * self.exploration.block_size, self.paths.tree_picture(block)))
         self._drawings.add(drawing)
 
-        def drawn(task: asyncio.Task[bool]) -> None:
+        def drawn(task: asyncio.Task[str | None]) -> None:
             self._drawings.discard(task)
-            if not task.cancelled() and isinstance(task.exception(), OSError):
-                self.publish(ev.EngineError(f"the tree picture of block {block}: "
-                                            f"{task.exception()}"))
+            why = None if task.cancelled() or task.exception() else task.result()
+            if why is not None:
+                self.publish(ev.EngineError(f"the tree picture of block {block}: {why}"))
 
         drawing.add_done_callback(drawn)
 

@@ -188,8 +188,8 @@ def write_report(run_dir: Path, against: Sequence[Path] = ()) -> Path:
 
 def write_tree_picture(nodes: Sequence[Node], path: Path) -> bool:
     """Draw the tree of `nodes` to `path` (a PNG); False, having drawn nothing, when
-    matplotlib is not installed (the picture is optional: a run never needs it). Plain data
-    in, no pyplot: the loop draws it in a thread, off its event loop."""
+    matplotlib is not installed (the picture is optional: a run never needs it). The engine
+    calls it in a child process of its own (`engine.tree_picture`), never on its event loop."""
     try:
         plots.require()
     except plots.AnalyticsMissing:

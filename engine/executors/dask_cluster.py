@@ -52,7 +52,7 @@ from engine.evaluation import EvaluationPlan, evaluate
 from engine.executors.base import Executor, ExecutorError, NodeJob, PlacedCallback, Placement
 from engine.executors.local import visible_gpus
 from engine.runner import OutputCallback, Runner, RunResult, RunStatus, make_runner
-from engine.runner.isolation import is_secret_name
+from engine.runner.isolation import environment_without_secrets, is_secret_name
 from engine.runner.runner import SCRATCH_PREFIX
 from engine.runner.zygote import DEFAULT_PRELOAD
 
@@ -65,15 +65,6 @@ _RECLAIM_CONNECT_S = 10.0
 _STREAM_LINES = 500  # per message; more in one batch are counted, not streamed (the log has them)
 _STREAM_LINE_CHARS = 4000
 _SECRET_MIN_CHARS = 8  # shorter values would match by chance
-
-
-def environment_without_secrets(source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`source` (default os.environ) without the variables that look like credentials, nor any
-    whose value carries one: what a worker process or a batch submission may inherit."""
-    source = os.environ if source is None else source
-    values = _secret_values(source)
-    return {name: value for name, value in source.items()
-            if not is_secret_name(name) and not any(secret in value for secret in values)}
 
 
 def _secret_values(source: Mapping[str, str] | None = None,

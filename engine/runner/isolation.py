@@ -93,6 +93,17 @@ def build_environment(
     return env, refused
 
 
+def environment_without_secrets(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`source` (default os.environ) without the variables that look like credentials, nor any
+    whose value carries one: what a worker process, a batch submission or a helper child of
+    the engine (the tree picture's drawer) may inherit."""
+    source = os.environ if source is None else source
+    values = [value for name, value in source.items()
+              if is_secret_name(name) and len(value) >= 8]  # shorter would match by chance
+    return {name: value for name, value in source.items()
+            if not is_secret_name(name) and not any(secret in value for secret in values)}
+
+
 # ---------------------------------------------------------------------------- child setup
 
 
