@@ -55,6 +55,7 @@ COST_SPREAD_FLOOR = 0.12  # a busy machine varies at least this much (log)
 UPPER_SPREADS = 2.0  # the upper estimate: this many spreads above the median
 TIMEOUT_MARGIN = 0.8  # a move whose upper estimate passes this share of wall_s is not made
 
+MIN_POINTS_TO_LEARN = 3  # the kernel's scales are fitted from this many scored nodes on
 R2_FLOOR_GAP = 1e-4  # -log(1 - R²) saturates here (R² 0.9999)
 GAIN_QUANTILES = 64  # points of the predictive normal the expected gain averages over
 LOG_FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0)  # moves of a log-scaled key, both ways
@@ -180,10 +181,14 @@ class GainModel:
         # normalising would do): one move can change the gap to 1 several-fold, so the
         # amplitude stays at least 0.3 e-folds, however alike the first nodes came out.
         kernel = (ConstantKernel(1.0, (0.1, 25.0))
-                  * Matern(length_scale=[0.5] * dims, length_scale_bounds=(0.05, 20.0), nu=2.5)
+                  * Matern(length_scale=[1.0] * dims, length_scale_bounds=(0.05, 20.0), nu=2.5)
                   + WhiteKernel(1e-2, (1e-6, 1.0)))
+        # Too few points to learn length scales from: keep the prior's (one unit each).
+        learn = len(y) >= MIN_POINTS_TO_LEARN
         process = GaussianProcessRegressor(kernel=kernel, normalize_y=False,
-                                           n_restarts_optimizer=1, random_state=seed)
+                                           optimizer="fmin_l_bfgs_b" if learn else None,
+                                           n_restarts_optimizer=1 if learn else 0,
+                                           random_state=seed)
         with warnings.catch_warnings():  # few points: bounds are often reached, harmlessly
             warnings.simplefilter("ignore", ConvergenceWarning)
             process.fit(numpy.array(x), numpy.array(y))
