@@ -1,17 +1,27 @@
-"""The offline agent: the protocol's strategy table, followed deterministically.
+"""The offline agent: the protocol's strategy table picks the parent, models pick the move.
 
-Given the same config seed and the same history it returns the same proposal: all chance
-comes from one `random.Random` derived from (seed, iteration, repair attempt, rejections).
-Config changes step one search-space key at a time inside its declared range; code changes
-come from the template library in `engine.agents.templates`, tried only where their search
-text occurs exactly once in the parent's files. Log text is never copied into the prose.
+The table (baseline, repair, block start, forced branch, switching a key, the code gate,
+exploring a stalled block, re-test, exploit) and the slot roles decide where to build and
+why. Which key and which value come from `engine.agents.search_model`: a Gaussian process
+fitted to every node that ran, and a cost model of the training time, rank the one-key moves
+(and, when exploiting, the recombinations with a good node of another branch) by expected
+gain against extra cost; a move expected to pass the wall-time limit is never made, and the
+analysis entry says what the chosen move is expected to gain and to cost. A re-test runs only
+when the best node's lead over its nearest rival is inside the seed noise and no move is
+expected to gain more. Principles enter memory.md from three agreeing observations and none
+against, and are withdrawn when contradicted (`engine.agents.principles`).
+
+Given the same config seed and the same history it returns the same proposal: the models are
+deterministic, and all other chance comes from one `random.Random` derived from (seed,
+iteration, repair attempt, rejections). Code changes come from the template library in
+`engine.agents.templates`, tried only where their search text occurs exactly once in the
+parent's files. Log text is never copied into the prose.
 
 With parallel slots the other slots' unfinished proposals (`context.in_flight`) are planned
 around: no (parent, key, value), identical run or code template of theirs is proposed again,
 and a slot role (exploit, exploit_second, explore, challenge) picks the parent before the
 strategy table does.
 """
-
 from __future__ import annotations
 
 import math
