@@ -3,9 +3,11 @@
 Every (method, seed) is one proctor run of the default experiment (`configs/`, same search
 space, runner, evaluator and timeouts) with `exploration.seed` set to the seed and
 `approval: auto`: `proctor run --agent heuristic` for the offline agent, `proctor baseline
---sampler tpe|random` for the baselines. The runs live in a project of their own (`--root`,
-default `log/bench-search/`); a finished run is reused and an interrupted one resumed, so
-the benchmark can be stopped and started again and grows seed by seed.
+--sampler tpe|random` for the baselines, and, when asked for and a key is set, `proctor run
+--agent anthropic` for Claude (its cost in USD is in the table: is the LLM worth it?). The
+runs live in a project of their own (`--root`, default `log/bench-search/`); a finished run
+is reused and an interrupted one resumed, so the benchmark can be stopped and started again
+and grows seed by seed.
 
 Prints, per method, the median over seeds of the best R² after 12 and 24 iterations, the
 training time the 24 took, the best R² within a common training budget (the shortest total
@@ -38,9 +40,11 @@ from engine.report import Curve, read_run  # noqa: E402
 
 CONFIG = REPO / "configs" / "multimaterial_1_discs_3types.yaml"
 METHODS = ("heuristic", "tpe", "random")
+AGENTS = {"heuristic": "heuristic", "anthropic": "anthropic"}  # the rest are baselines
 MILESTONES = (12, 24)
 TARGET_R2 = 0.95
-COLOURS = {"heuristic": "tab:blue", "tpe": "tab:orange", "random": "tab:green"}
+COLOURS = {"heuristic": "tab:blue", "tpe": "tab:orange", "random": "tab:green",
+           "anthropic": "tab:red"}
 
 
 def prepare_project(root: Path) -> None:
@@ -87,9 +91,9 @@ def ensure_run(root: Path, method: str, seed: int, iterations: int) -> None:
         if completed(run_dir) >= iterations:
             return
         command = [*proctor, "resume", name, "--iterations", str(iterations)]
-    elif method == "heuristic":
+    elif method in AGENTS:
         command = [*proctor, "run", str(config_for(root, seed, iterations)), "--headless",
-                   "--agent", "heuristic", "--approve", "auto", "--name", name,
+                   "--agent", AGENTS[method], "--approve", "auto", "--name", name,
                    "--iterations", str(iterations)]
     else:
         command = [*proctor, "baseline", str(config_for(root, seed, iterations)),
@@ -135,19 +139,23 @@ def _cell(value: float | None, digits: int = 4) -> str:
 def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
               iterations: int) -> str:
     curves: dict[str, list[Curve]] = {}
+    spent: dict[str, float] = {}
     for method in methods:
         for seed in seeds:
             run_dir = root / "log" / run_name(method, seed)
             if run_dir.exists():
-                curves.setdefault(method, []).append(read_run(run_dir).curve)
+                figures = read_run(run_dir)
+                curves.setdefault(method, []).append(figures.curve)
+                spent[method] = spent.get(method, 0.0) + figures.stats.agent_cost_usd
     if not curves:
         return "no runs yet"
     finished = [curve for runs in curves.values() for curve in runs
                 if curve.last_iteration >= iterations and curve.hours]
     budget = min((curve.hours[-1] for curve in finished), default=None)
     rows = ["| method | runs | best R² @12 | best R² @24 | training h for 24 | "
-            f"best R² within {_cell(budget and budget * 60, 0)} min | h to R² {TARGET_R2} |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            f"best R² within {_cell(budget and budget * 60, 0)} min | h to R² {TARGET_R2} | "
+            "agent USD |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     medians: dict[str, dict[str, float | None]] = {}
     for method, runs in curves.items():
         figures = {
@@ -163,7 +171,8 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
         per_seed = ", ".join(_cell(curve.best_at(24), 3) for curve in runs)
         rows.append(f"| {method} | {len(runs)} ({per_seed}) | {_cell(figures['at12'])} | "
                     f"{_cell(figures['at24'])} | {_cell(figures['hours'], 3)} | "
-                    f"{_cell(figures['budget'])} | {_cell(figures['to_target'], 3)} |")
+                    f"{_cell(figures['budget'])} | {_cell(figures['to_target'], 3)} | "
+                    f"{spent.get(method, 0.0):.2f} |")
     lines = ["Medians over seeds; `runs` lists each seed's best R² after 24 iterations.", "",
              *rows]
     if "tpe" in medians:
@@ -216,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="summarise the runs there")
     args = parser.parse_args(argv)
     methods = [method for method in args.methods.split(",") if method]
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS) - set(AGENTS)
     if unknown:
-        parser.error(f"unknown method(s) {sorted(unknown)}: {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {sorted(unknown)}: {', '.join(METHODS)}, anthropic")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     root = args.root.resolve()
     if not args.report_only:
