@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -607,6 +607,16 @@ class Planner:
                 self.history.collide(flight, f"{template.mutation} at {node_name(parent_id)}")
         return self.rng.choice(usable) if usable else None
 
+    def _best_parent(self, parents: Sequence[NodeSummary],
+                     move_at: Callable[[NodeSummary], Move | None],
+                     ) -> tuple[NodeSummary, Move] | None:
+        """Among `parents`, the one whose best move the models rank highest (the first of
+        equals, in the order given)."""
+        found = [(parent, move) for parent in parents if (move := move_at(parent)) is not None]
+        if not found:
+            return None
+        return max(found, key=lambda item: item[1].acquisition)
+
     def _key_plan(self, row: int, strategy: Strategy, parent_id: int | None, rule: str,
                   why: str, move: Move, note: str = "", do_not_retry: tuple[str, ...] = (),
                   hypothesis: str = "") -> Plan:
@@ -838,16 +848,17 @@ class Planner:
         parents = sorted((n for n in chain[:-1] if n.status == "done"), key=lambda n: (-n.r2, n.id))
         touched = {k for n in chain for k in n.config_changes}
         untouched = [k for k in h.keys if k not in touched]
-        for parent in parents:
-            step = self._some_step(parent.id, untouched)
-            if step is not None:
-                return self._key_plan(
-                    4, Strategy.FORCED_BRANCH, parent.id,
-                    f"Node {parent.id} (forced branch off chain {chain[0].id}-{tip.id})",
-                    f"The block's {len(chain)} nodes form one chain "
-                    f"({'-'.join(str(n.id) for n in chain)}) with no branch: branch off a "
-                    "good node that is not the tip, on a key the chain did not touch.", step)
-        return None
+        found = self._best_parent(parents, lambda parent: self._some_step(parent.id, untouched))
+        if found is None:
+            return None
+        parent, step = found
+        return self._key_plan(
+            4, Strategy.FORCED_BRANCH, parent.id,
+            f"Node {parent.id} (forced branch off chain {chain[0].id}-{tip.id})",
+            f"The block's {len(chain)} nodes form one chain "
+            f"({'-'.join(str(n.id) for n in chain)}) with no branch: branch off a good node "
+            "that is not the tip, on a key the chain did not touch where one has a move left; "
+            "the node where the model expects most.", step)
 
     # row 5
     def switch_parameter(self) -> Plan | None:
@@ -915,18 +926,16 @@ class Planner:
         pool = off_chain or [n for n in candidates if n.id != h.block_nodes[-1].id]
         if not pool:
             return None
-        # a mid-scored node: the best one was exploited already
-        ordered = pool[len(pool) // 2:] + pool[:len(pool) // 2]
-        for parent in ordered:
-            step = self._one_step(parent.id, h.keys)
-            if step is not None:
-                where = "off the recent chain" if parent in off_chain else "mid-scored"
-                return self._key_plan(
-                    8, Strategy.EXPLORE, parent.id, f"Node {parent.id} ({where})",
-                    f"The block's best R2 (node {ran[best_index].id}) has not improved for "
-                    f"{len(ran) - 1 - best_index} iterations: explore from another branch.",
-                    step)
-        return None
+        found = self._best_parent(pool, lambda parent: self._one_step(parent.id, h.keys))
+        if found is None:
+            return None
+        parent, step = found
+        where = "off the recent chain" if parent in off_chain else "not the latest node"
+        return self._key_plan(
+            8, Strategy.EXPLORE, parent.id, f"Node {parent.id} ({where})",
+            f"The block's best R2 (node {ran[best_index].id}) has not improved for "
+            f"{len(ran) - 1 - best_index} iterations: explore from another branch, where the "
+            "model expects most.", step)
 
     # row 9
     def retest(self) -> Plan | None:
