@@ -39,6 +39,8 @@ from engine.agents.search_model import (
     GainModel,
     Move,
     Observed,
+    direction_of,
+    dotted_value,
     is_number,
     one_key_values,
     rank_moves,
@@ -158,16 +160,6 @@ def _flatten(sections: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[st
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def dotted_value(sections: Mapping[str, Any], dotted: str) -> Any:
-    """The value at `dotted` in nested mappings; KeyError when absent."""
-    node: Any = sections
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
 
 
 class History:
@@ -438,32 +430,6 @@ def _capped(nodes: Sequence[NodeSummary]) -> list[NodeSummary]:
             break
         chosen.setdefault(node.id, node)
     return sorted(chosen.values(), key=lambda n: n.id)
-
-
-# -- directions ----------------------------------------------------------------------------
-
-
-def _choice_index(choices: Sequence[Any], current: Any) -> int:
-    for index, choice in enumerate(choices):
-        if same_value(choice, current):
-            return index
-    numeric = [c for c in choices if isinstance(c, int | float) and not isinstance(c, bool)]
-    if numeric and isinstance(current, int | float) and not isinstance(current, bool):
-        nearest = min(numeric, key=lambda c: abs(float(c) - float(current)))
-        return list(choices).index(nearest)
-    return 0
-
-
-def direction_of(spec: ParamRange, old: Any, new: Any) -> int:
-    """+1 when the change went up (a later choice, a larger number), -1 when down, 0 level."""
-    if spec.choices is not None:
-        delta = _choice_index(spec.choices, new) - _choice_index(spec.choices, old)
-    else:
-        try:
-            delta = float(new) - float(old)
-        except (TypeError, ValueError):
-            return 0
-    return (delta > 0) - (delta < 0)
 
 
 # -- the decision --------------------------------------------------------------------------

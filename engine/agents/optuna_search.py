@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.agents.base import AgentContext, AgentReply, NodeSummary
-from engine.agents.heuristic import dotted_value
+from engine.agents.search_model import dotted_value
 from engine.config import ExperimentConfig, ParamRange
 from engine.proposal import Proposal, Strategy
 from engine.proposals import set_dotted

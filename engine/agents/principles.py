@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from engine.agents.base import NodeSummary
+from engine.agents.search_model import direction_of, dotted_value, is_number
 from engine.config import ParamRange
 
 MINIMUM_AGREEING = 3  # "three or more agreeing observations, none against"
@@ -98,7 +99,7 @@ def observations(nodes: Sequence[NodeSummary], space: Mapping[str, ParamRange],
         if spec is None or r2 is None or parent_r2 is None or abs(r2 - parent_r2) <= noise:
             continue
         new = _value(node.config, key, node.config_changes[key])
-        direction = key_direction(spec, _value(parent.config, key), new)
+        direction = direction_of(spec, _value(parent.config, key), new)
         if direction:
             found.append(Observation(node.id, parent.id, key, direction, r2 - parent_r2))
     return found
@@ -162,23 +163,6 @@ def own_claim(line: str) -> tuple[str, int] | None:
     return None
 
 
-def key_direction(spec: ParamRange, old: Any, new: Any) -> int:
-    """+1 when `old` -> `new` went up (a later choice, a larger number), -1 down, 0 when level
-    or unknown (a value missing or outside the choices)."""
-    if old is None or new is None:
-        return 0
-    if spec.choices is not None:
-        old_at, new_at = _choice_at(spec.choices, old), _choice_at(spec.choices, new)
-        if old_at is None or new_at is None:
-            return 0
-        delta = float(new_at - old_at)
-    else:
-        if not (_is_number(old) and _is_number(new)):
-            return 0
-        delta = float(new) - float(old)
-    return (delta > 0) - (delta < 0)
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -186,7 +170,7 @@ def _finished_r2(node: NodeSummary) -> float | None:
     """The R² of a done node; None for any other status or a missing R² (which
     `NodeSummary.r2` reads as 0.0, and that would be false evidence)."""
     value = node.metrics.get(R2_KEY)
-    if node.status != "done" or not _is_number(value) or not math.isfinite(value):
+    if node.status != "done" or not is_number(value) or not math.isfinite(value):
         return None
     return float(value)
 
@@ -195,26 +179,10 @@ def _value(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     """The value at `dotted` in nested sections (or a flat dotted key); `default` if absent."""
     if dotted in config:
         return config[dotted]
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _choice_at(choices: Sequence[Any], value: Any) -> int | None:
-    for index, choice in enumerate(choices):
-        if _is_number(choice) and _is_number(value):
-            if math.isclose(float(choice), float(value), rel_tol=1e-9, abs_tol=1e-12):
-                return index
-        elif type(choice) is type(value) and choice == value:
-            return index
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    try:
+        return dotted_value(config, dotted)
+    except KeyError:
+        return default
 
 
 def _way(word: str) -> int:

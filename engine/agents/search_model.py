@@ -98,6 +98,39 @@ def same_value(a: Any, b: Any) -> bool:
     return a == b
 
 
+def dotted_value(sections: Mapping[str, Any], dotted: str) -> Any:
+    """The value at `dotted` in nested mappings; KeyError when absent."""
+    node: Any = sections
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def choice_index(choices: Sequence[Any], current: Any) -> int:
+    for index, choice in enumerate(choices):
+        if same_value(choice, current):
+            return index
+    numeric = [c for c in choices if isinstance(c, int | float) and not isinstance(c, bool)]
+    if numeric and isinstance(current, int | float) and not isinstance(current, bool):
+        nearest = min(numeric, key=lambda c: abs(float(c) - float(current)))
+        return list(choices).index(nearest)
+    return 0
+
+
+def direction_of(spec: ParamRange, old: Any, new: Any) -> int:
+    """+1 when the change went up (a later choice, a larger number), -1 when down, 0 level."""
+    if spec.choices is not None:
+        delta = choice_index(spec.choices, new) - choice_index(spec.choices, old)
+    else:
+        try:
+            delta = float(new) - float(old)
+        except (TypeError, ValueError):
+            return 0
+    return (delta > 0) - (delta < 0)
+
+
 def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
     return float(f"{value:.{digits}g}") if value else 0.0
 
