@@ -16,7 +16,8 @@ any run spent), and the time to reach R² 0.95; then the ratios against TPE. Wri
 hour of training) into the root.
 
 usage: python bench/search_compare.py [--methods heuristic,tpe,random] [--seeds 0,1,2]
-                                      [--iterations 24] [--root DIR] [--report-only]
+                                      [--iterations 24] [--budget 24] [--root DIR]
+                                      [--report-only]
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def prepare_project(root: Path) -> None:
                    check=True)
 
 
-def config_for(root: Path, seed: int, iterations: int) -> Path:
+def config_for(root: Path, seed: int, budget: int) -> Path:
+    """The default config with the seed and the whole budget of iterations (what a
+    cost-aware agent plans for), however many of them this invocation runs."""
     config = yaml.safe_load(CONFIG.read_text())
-    config["exploration"].update(seed=seed, approval="auto", iterations=iterations)
+    config["exploration"].update(seed=seed, approval="auto", iterations=budget)
     path = root / "configs" / f"seed{seed}.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -82,7 +85,7 @@ def completed(run_dir: Path) -> int:
         return len(journal.completed_iterations())
 
 
-def ensure_run(root: Path, method: str, seed: int, iterations: int) -> None:
+def ensure_run(root: Path, method: str, seed: int, iterations: int, budget: int) -> None:
     """Run (or resume) one (method, seed) until it has `iterations` iterations."""
     name = run_name(method, seed)
     run_dir = root / "log" / name
@@ -92,11 +95,11 @@ def ensure_run(root: Path, method: str, seed: int, iterations: int) -> None:
             return
         command = [*proctor, "resume", name, "--iterations", str(iterations)]
     elif method in AGENTS:
-        command = [*proctor, "run", str(config_for(root, seed, iterations)), "--headless",
+        command = [*proctor, "run", str(config_for(root, seed, budget)), "--headless",
                    "--agent", AGENTS[method], "--approve", "auto", "--name", name,
                    "--iterations", str(iterations)]
     else:
-        command = [*proctor, "baseline", str(config_for(root, seed, iterations)),
+        command = [*proctor, "baseline", str(config_for(root, seed, budget)),
                    "--headless", "--sampler", method, "--trials", str(iterations),
                    "--name", name]
     print(f"{name}: {' '.join(command[3:])}", flush=True)
@@ -220,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--iterations", type=int, default=24,
+                        help="run (or resume) every run to this many iterations")
+    parser.add_argument("--budget", type=int, default=24,
+                        help="the iterations each run's config plans for (exploration.iterations)")
     parser.add_argument("--root", type=Path, default=REPO / "log" / "bench-search")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs there")
     args = parser.parse_args(argv)
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_project(root)
         for seed in seeds:  # seed by seed, so an early stop leaves whole comparisons
             for method in methods:
-                ensure_run(root, method, seed, args.iterations)
+                ensure_run(root, method, seed, args.iterations, max(args.budget, args.iterations))
     summary = summarise(root, methods, seeds, args.iterations)
     (root / "summary.md").write_text(summary + "\n")
     print(summary)

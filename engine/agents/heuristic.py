@@ -61,17 +61,16 @@ from engine.memory import (
 from engine.proposal import Proposal, Strategy
 
 # The protocol's thresholds, named after its wording.
-FORCED_BRANCH_CHAIN_LENGTH = 4  # "the block's nodes form one chain, length >= 4"
-SWITCH_AFTER_SAME_KEY_MUTATIONS = 4  # "the last 4 mutations along this lineage"
 CODE_GATE_BEST_R2_BELOW = 0.75  # "the best R2 of the block stayed < 0.75 ..."
 CODE_GATE_POOR_ITERATIONS = 4  # "... for 4+ iterations"
 CODE_GATE_PAST_ITERATION = 4  # "the block is past its 4th iteration"
-NO_IMPROVEMENT_ITERATIONS = 3  # "best R2 has not improved for 3 iterations"
 GOOD_R2 = 0.90  # "a good node (R2 >= 0.90)"
 RETEST_MIN_BLOCK_NODES = 6  # "the block has >= 6 nodes"
 ROBUST_R2_BAND = 0.02  # "a result within +-0.02 counts as robust"
 
 # The model's part: how many nodes it is fitted to, and the noise before any re-test.
+TREE_PARENTS = 3  # exploit weighs moves from this many parents by the tree's score ...
+BEST_PARENTS = 2  # ... and from this many by R², so a fresh poor leaf cannot take the turn
 MODEL_NODES_CAP = 200  # the best half and the latest half of this many: the fit stays fast
 NOISE_PRIOR_R2 = 0.01  # R² spread over training seeds until a re-test measured it
 
@@ -484,10 +483,7 @@ class Planner:
             self.no_finished_parent,
             self.by_role,
             self.block_start,
-            self.forced_branch,
-            self.switch_parameter,
             self.code_modification,
-            self.explore_stagnation,
             self.retest,
         )
         for row in rows:
@@ -802,54 +798,6 @@ class Planner:
             f"First iteration of block {self.context.block}: start from the best node so far, "
             "keeping the regime.", step, note=note)
 
-    # row 4
-    def forced_branch(self) -> Plan | None:
-        h = self.history
-        chain = h.block_nodes
-        if len(chain) < FORCED_BRANCH_CHAIN_LENGTH:
-            return None
-        if any(chain[i].parent_id != chain[i - 1].id for i in range(1, len(chain))):
-            return None
-        tip = chain[-1]
-        parents = sorted((n for n in chain[:-1] if n.status == "done"), key=lambda n: (-n.r2, n.id))
-        touched = {k for n in chain for k in n.config_changes}
-        untouched = [k for k in h.keys if k not in touched]
-        found = self._best_parent(parents, lambda parent: self._some_step(parent.id, untouched))
-        if found is None:
-            return None
-        parent, step = found
-        return self._key_plan(
-            4, Strategy.FORCED_BRANCH, parent.id,
-            f"Node {parent.id} (forced branch off chain {chain[0].id}-{tip.id})",
-            f"The block's {len(chain)} nodes form one chain "
-            f"({'-'.join(str(n.id) for n in chain)}) with no branch: branch off a good node "
-            "that is not the tip, on a key the chain did not touch where one has a move left; "
-            "the node where the model expects most.", step)
-
-    # row 5
-    def switch_parameter(self) -> Plan | None:
-        h = self.history
-        parent = self._default_parent()
-        if parent is None:
-            return None
-        recent = h.lineage(parent.id)[:SWITCH_AFTER_SAME_KEY_MUTATIONS]
-        keys = [h.single_key(n) for n in recent]
-        if (len(keys) < SWITCH_AFTER_SAME_KEY_MUTATIONS or keys[0] is None
-                or keys[0] not in h.space or any(k != keys[0] for k in keys)):
-            return None
-        repeated = keys[0]
-        lineage_keys = {k for n in h.lineage(parent.id) for k in n.config_changes}
-        others = [k for k in h.keys if k != repeated]
-        step = self._one_step(parent.id, [k for k in others if k not in lineage_keys]) or \
-            self._one_step(parent.id, others)
-        if step is None:
-            return None
-        ids = ", ".join(str(n.id) for n in recent)
-        return self._key_plan(
-            5, Strategy.SWITCH_PARAMETER, parent.id, f"Node {parent.id} (highest score)",
-            f"The last {len(recent)} mutations along node {parent.id}'s lineage (nodes {ids}) "
-            f"all changed {repeated}: switch to another key.", step)
-
     # row 7
     def code_modification(self) -> Plan | None:
         h = self.history
@@ -875,33 +823,6 @@ class Planner:
             f"{CODE_GATE_BEST_R2_BELOW}) over {since} runs, the block is past iteration "
             f"{CODE_GATE_PAST_ITERATION}, and '{template.name}' is untried and applies at node "
             f"{parent.id}.", template.hypothesis, template=template)
-
-    # row 8
-    def explore_stagnation(self) -> Plan | None:
-        h = self.history
-        ran = h.ran_block_nodes()
-        if len(ran) <= NO_IMPROVEMENT_ITERATIONS:
-            return None
-        scores = [n.r2 if n.status == "done" else 0.0 for n in ran]
-        best_index = scores.index(max(scores))
-        if len(ran) - 1 - best_index < NO_IMPROVEMENT_ITERATIONS:
-            return None
-        chain = {n.id for n in h.lineage(h.block_nodes[-1].id)}
-        candidates = [n for n in h.candidates() if n.status == "done"]
-        off_chain = [n for n in candidates if n.id not in chain]
-        pool = off_chain or [n for n in candidates if n.id != h.block_nodes[-1].id]
-        if not pool:
-            return None
-        found = self._best_parent(pool, lambda parent: self._one_step(parent.id, h.keys))
-        if found is None:
-            return None
-        parent, step = found
-        where = "off the recent chain" if parent in off_chain else "not the latest node"
-        return self._key_plan(
-            8, Strategy.EXPLORE, parent.id, f"Node {parent.id} ({where})",
-            f"The block's best R2 (node {ran[best_index].id}) has not improved for "
-            f"{len(ran) - 1 - best_index} iterations: explore from another branch, where the "
-            "model expects most.", step)
 
     # row 9
     def retest(self) -> Plan | None:
@@ -938,12 +859,19 @@ class Planner:
     def exploit(self) -> Plan:
         h = self.history
         candidates = h.candidates()
-        for rank, parent in enumerate(candidates):
-            rule = (f"Node {parent.id} (highest score)" if rank == 0 else
-                    f"Node {parent.id} (next by score: node {candidates[0].id} has no new step)")
-            plan = self._exploit_at(parent, rule, "No earlier row matched")
-            if plan is not None:
-                return plan
+        by_r2 = sorted((n for n in candidates if n.status == "done"), key=lambda n: (-n.r2, n.id))
+        shortlist = list({n.id: n for n in candidates[:TREE_PARENTS] + by_r2[:BEST_PARENTS]}
+                         .values())
+        for parents in (shortlist, candidates):  # every candidate when the shortlist has no move
+            found = self._best_parent(parents, lambda parent: self._exploit_move(parent)[0])
+            if found is not None:
+                parent, _ = found
+                rank = candidates.index(parent) + 1
+                rule = (f"Node {parent.id} (rank {rank} by score, R2 {quality_word(parent.r2)}; "
+                        "the model expects most from it)")
+                plan = self._exploit_at(parent, rule, "No earlier row matched")
+                if plan is not None:
+                    return plan
         parent = candidates[0] if candidates else None
         if parent is None:  # nothing finished and every root step taken: a fresh seed at root
             seed = h.value(None, SEED_KEY)
@@ -958,11 +886,17 @@ class Planner:
                                "Every one-key step from every candidate is taken or expected "
                                "to pass the time limit: re-test the best one with another seed.")
 
+    def _exploit_move(self, parent: NodeSummary,
+                      ) -> tuple[Move | None, list[tuple[NodeSummary, dict[str, Any]]]]:
+        """The models' best move at `parent` (a one-key step or a recombination), and the
+        recombinations it was chosen among."""
+        donors = self._recombinations(parent)
+        return self._one_step(parent.id, self.history.keys, extra=[c for _, c in donors]), donors
+
     def _exploit_at(self, parent: NodeSummary, rule: str, lead: str) -> Plan | None:
         """The models' best move at `parent`: a one-key step, or the keys a good node of
         another branch changed (a recombination)."""
-        donors = self._recombinations(parent)
-        step = self._one_step(parent.id, self.history.keys, extra=[c for _, c in donors])
+        step, donors = self._exploit_move(parent)
         if step is None:
             return None
         donor = next((other for other, changes in donors
