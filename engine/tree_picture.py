@@ -4,13 +4,15 @@ Drawing it takes about a second of matplotlib with the GIL held, which in the en
 process stalled its event loop at every block's end. `draw_tree_picture` starts
 `python -m engine.tree_picture RUN_DIR UP_TO PATH` instead: the child opens the run's journal
 read-only, draws the nodes of iterations up to UP_TO (`engine.report.write_tree_picture`:
-nothing without matplotlib) and exits. It inherits no secret, its stderr goes nowhere, and a
-picture it could not write is one line on its stdout, which the engine reports."""
+nothing without matplotlib) and exits, within DRAW_LIMIT_S even if the engine is gone. It
+inherits no secret, its stderr goes nowhere, and a picture it could not write is one line on
+its stdout, which the engine reports."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,4 +69,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.alarm(int(DRAW_LIMIT_S))  # ends itself as the engine would, should that be gone
     sys.exit(main())
