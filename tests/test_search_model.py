@@ -22,6 +22,7 @@ from engine.agents.search_model import (
     Encoder,
     GainModel,
     Observed,
+    compute_prior,
     one_key_values,
     rank_moves,
     same_value,
@@ -195,3 +196,13 @@ def test_the_agent_never_runs_past_the_wall_time_on_the_landscape(explored):
     wall = config.exploration.timeouts.wall_s
     assert all(n.status == "done" for n in nodes)
     assert max(n.metrics["training_time_s"] for n in nodes) < wall
+
+
+def test_before_evidence_the_prior_expects_more_compute_to_fit_better():
+    observed = [Observed(point(), 0.9, 20.0)]
+    cost = CostModel(SPACE, observed)
+    gain = GainModel(Encoder(SPACE), observed, prior=compute_prior(cost))
+    (wider, _), (narrower, _), (same_cost, _) = gain.predict(
+        [point(hidden=128), point(hidden=32), point(omega=40.0)])
+    assert wider > same_cost > narrower
+    assert compute_prior(CostModel(SPACE, [])) is None  # nothing ran: no prior

@@ -39,6 +39,7 @@ from engine.agents.search_model import (
     GainModel,
     Move,
     Observed,
+    compute_prior,
     direction_of,
     dotted_value,
     is_number,
@@ -385,9 +386,9 @@ class History:
             ran = [n for n in self.context.nodes if n.status not in NOT_RUN]
             same = [n for n in ran if self.code_signature(n.id) == signature]
             pool = _capped(same if len(same) >= 3 else ran)
-            gain = GainModel(Encoder(self.space), [self.observed(n) for n in pool],
-                             seed=self.config.exploration.seed)
             cost = CostModel(self.space, [self.observed(n) for n in _capped(ran)])
+            gain = GainModel(Encoder(self.space), [self.observed(n) for n in pool],
+                             seed=self.config.exploration.seed, prior=compute_prior(cost))
             self._models[signature] = gain, cost
         return self._models[signature]
 

@@ -25,7 +25,7 @@ scikit-learn is imported on the first fit only (it takes about a second).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -52,6 +52,10 @@ COST_EXPONENT_CEILING = {
 COST_RIDGE = 2.0  # the prior's weight, in nodes' worth of evidence
 COST_SPREAD_PRIOR = 0.35  # log-time spread until three nodes have run
 COST_SPREAD_FLOOR = 0.12  # a busy machine varies at least this much (log)
+# The gain model's prior: a run that trains twice as long (wider, deeper, more frames per
+# batch, more steps) shrinks the gap to R² 1 by this many e-folds, until the run's own nodes
+# say otherwise (the default experiment: 0.13 for twice the width, 0.44 for twice the frames).
+COMPUTE_GAIN_PER_DOUBLING = 0.2
 UPPER_SPREADS = 2.0  # the upper estimate: this many spreads above the median
 TIMEOUT_MARGIN = 0.8  # a move whose upper estimate passes this share of wall_s is not made
 
@@ -185,20 +189,23 @@ def target_to_r2(target: float) -> float:
 
 
 class GainModel:
-    """A Gaussian process of `-log(1 - R²)` over the encoded space."""
+    """A Gaussian process of `-log(1 - R²)` over the encoded space, around a prior mean
+    (`prior`: a function of a point, e.g. how much more compute it spends; none: flat)."""
 
-    def __init__(self, encoder: Encoder, observed: Sequence[Observed], seed: int = 0) -> None:
+    def __init__(self, encoder: Encoder, observed: Sequence[Observed], seed: int = 0,
+                 prior: Callable[[Mapping[str, Any]], float] | None = None) -> None:
         self.encoder = encoder
-        rows = [(self.encoder(o.values), o.r2) for o in observed if o.r2 is not None]
-        rows = [(x, r2) for x, r2 in rows if x is not None]
+        self._prior = prior or (lambda values: 0.0)
+        rows = [(self.encoder(o.values), o.r2, o.values) for o in observed if o.r2 is not None]
+        rows = [(x, r2, values) for x, r2, values in rows if x is not None]
         self.size = len(rows)
-        self.best = max((r2 for _, r2 in rows), default=None)
+        self.best = max((r2 for _, r2, _ in rows), default=None)
         self._process = None
-        targets = [r2_to_target(r2) for _, r2 in rows]
+        targets = [r2_to_target(r2) - self._prior(values) for _, r2, values in rows]
         # the process models the departure from the mean target (its own mean is zero)
         self._mean = sum(targets) / len(targets) if targets else 0.0
         if rows:
-            self._process = self._fit([x for x, _ in rows],
+            self._process = self._fit([x for x, _, _ in rows],
                                       [target - self._mean for target in targets], seed)
 
     def _fit(self, x: list[list[float]], y: list[float], seed: int) -> Any:
@@ -231,17 +238,19 @@ class GainModel:
         """(mean, standard deviation) of the target at each point; a point that cannot be
         encoded gets the prior (the best so far, with a wide spread)."""
         encoded = [self.encoder(v) for v in values]
-        prior = (self._mean, 1.0)
-        if self._process is None:
-            return [prior for _ in values]
-        known = [x for x in encoded if x is not None]
-        if not known:
-            return [prior for _ in values]
+        shifts = [self._mean + self._prior(v) for v in values]
+        if self._process is None or not any(x is not None for x in encoded):
+            return [(shift, 1.0) for shift in shifts]
         import numpy
 
+        known = [x for x in encoded if x is not None]
         means, sds = self._process.predict(numpy.array(known), return_std=True)
-        found = iter(zip((m + self._mean for m in means.tolist()), sds.tolist(), strict=True))
-        return [next(found) if x is not None else prior for x in encoded]
+        found = iter(zip(means.tolist(), sds.tolist(), strict=True))
+        predictions = []
+        for x, shift in zip(encoded, shifts, strict=True):
+            mean, sd = next(found) if x is not None else (0.0, 1.0)
+            predictions.append((mean + shift, sd))
+        return predictions
 
     def expected_gain(self, mean: float, sd: float) -> float:
         """E[max(R² - best, 0)] under the normal prediction of the target."""
@@ -318,6 +327,16 @@ class CostModel:
                      for key, w, f, largest in zip(self.keys, self._weights, features,
                                                    self._largest, strict=True))
         return math.exp(log_time), math.exp(log_time + beyond + UPPER_SPREADS * self.spread)
+
+
+def compute_prior(cost: CostModel) -> Callable[[Mapping[str, Any]], float] | None:
+    """The gain model's prior mean from the cost model: `COMPUTE_GAIN_PER_DOUBLING` per
+    doubling of the predicted training time; None before any node ran."""
+    def prior(values: Mapping[str, Any]) -> float:
+        predicted = cost.predict(values)
+        return COMPUTE_GAIN_PER_DOUBLING * math.log2(predicted[0]) if predicted else 0.0
+
+    return prior if cost.size else None
 
 
 def one_key_values(spec: ParamRange, current: Any) -> list[Any]:
