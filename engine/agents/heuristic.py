@@ -66,7 +66,6 @@ CODE_GATE_BEST_R2_BELOW = 0.75  # "the best R2 of the block stayed < 0.75 ..."
 CODE_GATE_POOR_ITERATIONS = 4  # "... for 4+ iterations"
 CODE_GATE_PAST_ITERATION = 4  # "the block is past its 4th iteration"
 GOOD_R2 = 0.90  # "a good node (R2 >= 0.90)"
-RETEST_MIN_BLOCK_NODES = 6  # "the block has >= 6 nodes"
 ROBUST_R2_BAND = 0.02  # "a result within +-0.02 counts as robust"
 
 # The model's part: how many nodes it is fitted to, and the noise before any re-test.
@@ -211,12 +210,6 @@ class History:
         ancestors = {n.id for n in self.lineage(a.id)}
         return next((n.id for n in self.lineage(b.id) if n.id in ancestors), None)
 
-    def is_success(self, node: NodeSummary) -> bool:
-        """A child that ran and whose R2 is above its parent's."""
-        parent = self.parent(node)
-        return (node.status == "done" and parent is not None and parent.status in FINISHED
-                and node.r2 > parent.r2)
-
     def candidates(self) -> list[NodeSummary]:
         """Possible parents, best score first (the engine's list; else finished nodes by R2)."""
         listed = [self.by_id[i] for i in self.context.candidates if i in self.by_id]
@@ -245,12 +238,6 @@ class History:
             return self.config.value_at(key)
         except KeyError:
             return None
-
-    def single_key(self, node: NodeSummary) -> str | None:
-        """The one config key this node changed (None for code changes and multi-key nodes)."""
-        if node.code_changed or len(node.config_changes) != 1:
-            return None
-        return next(iter(node.config_changes))
 
     def exists(self, parent_id: int | None, key: str, value: Any) -> bool:
         """True when (parent, key, value) is already a node or was rejected this iteration,
@@ -337,15 +324,6 @@ class History:
         changes = [c.config_changes for c in self.children.get(node_id, [])]
         changes += [f.config_changes for f in self.flights_at(node_id) if f.code_change is None]
         return any(set(c) == {SEED_KEY} for c in changes)
-
-    def key_usage(self) -> dict[str, int]:
-        """How often each key was changed across the tree and the in-flight proposals."""
-        usage: dict[str, int] = {}
-        for changes in [n.config_changes for n in self.context.nodes] + [
-                f.config_changes for f in self.unapplied]:
-            for key in changes:
-                usage[key] = usage.get(key, 0) + 1
-        return usage
 
     def _run_key(self, node_id: int | None, flat: Mapping[str, Any]) -> tuple[Any, ...]:
         """A hashable identity of (code, config); floats to 9 significant digits."""
@@ -494,11 +472,6 @@ class Planner:
         return self.exploit()
 
     # helpers
-    def _shuffled(self, items: Iterable[Any]) -> list[Any]:
-        ordered = list(items)
-        self.rng.shuffle(ordered)
-        return ordered
-
     def _one_step(self, parent_id: int | None, keys: Sequence[str],
                   directions: Sequence[int] | None = None,
                   extra: Sequence[Mapping[str, Any]] = ()) -> Move | None:
@@ -526,13 +499,6 @@ class Planner:
         """The best move on the `preferred` keys, else on any key."""
         return (self._one_step(parent_id, preferred) if preferred else None) or \
             self._one_step(parent_id, self.history.keys)
-
-    def _preferring(self, preferred: Iterable[str]) -> list[str]:
-        """All search-space keys, `preferred` ones first (each group shuffled)."""
-        wanted = set(preferred)
-        first = [k for k in self.history.keys if k in wanted]
-        rest = [k for k in self.history.keys if k not in wanted]
-        return self._shuffled(first) + self._shuffled(rest)
 
     def _read(self, node_id: int | None, path: str) -> str:
         if (node_id, path) not in self._files:
