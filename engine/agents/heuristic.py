@@ -132,7 +132,6 @@ class Plan:
     changes: Mapping[str, Any] = field(default_factory=dict)
     template: CodeTemplate | None = None
     note: str = ""  # one extra sentence for the analysis
-    move: Move | None = None  # what the models expected of a config move
     do_not_retry: tuple[str, ...] = ()
     role: str | None = None  # the slot role that chose this plan (None: the table did)
 
@@ -555,7 +554,7 @@ class Planner:
                                         value)
         note = " ".join(part for part in (note, self._expectation(parent_id, move)) if part)
         return Plan(row, strategy, parent_id, rule, why, hypothesis, dict(move.changes),
-                    note=note, do_not_retry=do_not_retry, move=move)
+                    note=note, do_not_retry=do_not_retry)
 
     def _expectation(self, parent_id: int | None, move: Move) -> str:
         """The analysis' sentence on what the models expect of the move."""
