@@ -155,7 +155,7 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
     finished = [curve for runs in curves.values() for curve in runs
                 if curve.last_iteration >= iterations and curve.hours]
     budget = min((curve.hours[-1] for curve in finished), default=None)
-    rows = ["| method | runs | best R² @12 | best R² @24 | training h for 24 | "
+    rows = [f"| method | runs | best R² @12 | best R² @24 | training h for {iterations} | "
             f"best R² within {_cell(budget and budget * 60, 0)} min | h to R² {TARGET_R2} | "
             "agent USD |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -171,12 +171,13 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
             "to_target": _median([hours_to(curve, TARGET_R2) for curve in runs]),
         }
         medians[method] = figures
-        per_seed = ", ".join(_cell(curve.best_at(24), 3) for curve in runs)
+        per_seed = ", ".join(_cell(curve.best_at(iterations), 3) for curve in runs)
         rows.append(f"| {method} | {len(runs)} ({per_seed}) | {_cell(figures['at12'])} | "
                     f"{_cell(figures['at24'])} | {_cell(figures['hours'], 3)} | "
                     f"{_cell(figures['budget'])} | {_cell(figures['to_target'], 3)} | "
                     f"{spent.get(method, 0.0):.2f} |")
-    lines = ["Medians over seeds; `runs` lists each seed's best R² after 24 iterations.", "",
+    lines = [f"Medians over seeds; `runs` lists each seed's best R² after {iterations} "
+             "iterations.", "",
              *rows]
     if "tpe" in medians:
         lines += ["", "Ratios against TPE (median R² gap to 1.0, lower is better: "
