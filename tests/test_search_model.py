@@ -206,3 +206,12 @@ def test_before_evidence_the_prior_expects_more_compute_to_fit_better():
         [point(hidden=128), point(hidden=32), point(omega=40.0)])
     assert wider > same_cost > narrower
     assert compute_prior(CostModel(SPACE, [])) is None  # nothing ran: no prior
+
+
+def test_a_node_with_a_value_that_is_no_finite_number_is_left_out_of_the_fit():
+    observed = [Observed(point(), 0.6, 20.0), Observed(point(lr=math.inf), 0.9, 20.0),
+                Observed(point(hidden=math.nan), 0.9, 20.0)]
+    gain = GainModel(Encoder(SPACE), observed)
+    assert gain.size == 1 and gain.best == 0.6
+    ((mean, sd),) = gain.predict([point(lr=1e-4)])
+    assert math.isfinite(mean) and sd > 0

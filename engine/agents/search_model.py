@@ -163,14 +163,15 @@ class Encoder:
     def _position(spec: ParamRange, value: Any) -> float | None:
         if spec.choices is not None:
             choices = list(spec.choices)
-            if all(is_number(c) and c > 0 for c in choices) and is_number(value) and value > 0:
+            if all(is_number(c) and c > 0 for c in choices) and is_number(value) \
+                    and 0 < value < math.inf:
                 low, high = math.log(min(choices)), math.log(max(choices))
                 return 0.5 if high == low else (math.log(value) - low) / (high - low)
             index = next((i for i, c in enumerate(choices) if same_value(c, value)), None)
             if index is None:
                 return None
             return 0.5 if len(choices) == 1 else index / (len(choices) - 1)
-        if not is_number(value):
+        if not is_number(value) or not math.isfinite(value):
             return None
         low, high = float(spec.low), float(spec.high)  # type: ignore[arg-type]
         if spec.log:
