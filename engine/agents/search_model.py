@@ -386,6 +386,7 @@ def rank_moves(gain: GainModel, cost: CostModel, parent_values: Mapping[str, Any
         moves.append(Move(dict(change), target_to_r2(mean), expected,
                           seconds[0] if seconds else None, seconds[1] if seconds else None,
                           expected / dearer ** alpha))
-    moves.sort(key=lambda m: (-m.acquisition, -m.predicted_r2, sorted(m.changes.items(),
-                                                                      key=repr).__repr__()))
+    # ties go by the change itself, so the choice never depends on the candidates' order
+    moves.sort(key=lambda m: (-m.acquisition, -m.predicted_r2,
+                              repr(sorted(m.changes.items(), key=repr))))
     return moves
