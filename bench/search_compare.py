@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.journal import Journal  # noqa: E402
 from engine.report import Curve, read_run  # noqa: E402
+from engine.tree import Node  # noqa: E402
 
 CONFIG = REPO / "configs" / "multimaterial_1_discs_3types.yaml"
 METHODS = ("heuristic", "tpe", "random")
@@ -118,11 +120,29 @@ def _pythonpath() -> dict[str, str]:
     return env
 
 
+def up_to(curve: Curve, iteration: int) -> Curve:
+    """`curve` as it stood after `iteration` iterations (a run may have gone further)."""
+    kept = [index for index, x in enumerate(curve.iterations) if x <= iteration]
+    return replace(curve, iterations=tuple(curve.iterations[i] for i in kept),
+                   hours=tuple(curve.hours[i] for i in kept),
+                   best=tuple(curve.best[i] for i in kept),
+                   last_iteration=min(curve.last_iteration, iteration))
+
+
 def best_within(curve: Curve, hours: float) -> float | None:
     """Best R² among the iterations whose training finished within `hours` of training."""
     reached = [best for spent, best in zip(curve.hours, curve.best, strict=True)
                if spent <= hours]
     return reached[-1] if reached else None
+
+
+def heldout_of_best(nodes: Sequence[Node], iteration: int) -> float | None:
+    """The held-out-frame R² of the best node (by R²) of the first `iteration` iterations:
+    whether the fit the search chose also holds between the frames it was trained on."""
+    scored = [node for node in nodes if node.id <= iteration and node.finished
+              and "final_r2" in node.metrics]
+    best = max(scored, key=lambda node: (node.r2, -node.id), default=None)
+    return None if best is None else best.metrics.get("heldout_r2")
 
 
 def hours_to(curve: Curve, target: float) -> float | None:
@@ -142,13 +162,15 @@ def _cell(value: float | None, digits: int = 4) -> str:
 def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
               iterations: int) -> str:
     curves: dict[str, list[Curve]] = {}
+    nodes: dict[str, list[Sequence[Node]]] = {}
     spent: dict[str, float] = {}
     for method in methods:
         for seed in seeds:
             run_dir = root / "log" / run_name(method, seed)
             if run_dir.exists():
                 figures = read_run(run_dir)
-                curves.setdefault(method, []).append(figures.curve)
+                curves.setdefault(method, []).append(up_to(figures.curve, iterations))
+                nodes.setdefault(method, []).append(figures.nodes)
                 spent[method] = spent.get(method, 0.0) + figures.stats.agent_cost_usd
     if not curves:
         return "no runs yet"
@@ -156,9 +178,10 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
                 if curve.last_iteration >= iterations and curve.hours]
     budget = min((curve.hours[-1] for curve in finished), default=None)
     rows = [f"| method | runs | best R² @12 | best R² @24 | training h for {iterations} | "
+            f"held-out R² of the best @{iterations} | "
             f"best R² within {_cell(budget and budget * 60, 0)} min | h to R² {TARGET_R2} | "
             "agent USD |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     medians: dict[str, dict[str, float | None]] = {}
     for method, runs in curves.items():
         figures = {
@@ -169,11 +192,15 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
             "budget": None if budget is None else _median([best_within(c, budget)
                                                            for c in runs]),
             "to_target": _median([hours_to(curve, TARGET_R2) for curve in runs]),
+            "heldout": _median([heldout_of_best(run_nodes, iterations)
+                                for run_nodes, curve in zip(nodes[method], runs, strict=True)
+                                if curve.last_iteration >= iterations]),
         }
         medians[method] = figures
         per_seed = ", ".join(_cell(curve.best_at(iterations), 3) for curve in runs)
         rows.append(f"| {method} | {len(runs)} ({per_seed}) | {_cell(figures['at12'])} | "
                     f"{_cell(figures['at24'])} | {_cell(figures['hours'], 3)} | "
+                    f"{_cell(figures['heldout'])} | "
                     f"{_cell(figures['budget'])} | {_cell(figures['to_target'], 3)} | "
                     f"{spent.get(method, 0.0):.2f} |")
     lines = [f"Medians over seeds; `runs` lists each seed's best R² after {iterations} "
