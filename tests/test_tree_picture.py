@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import unprivileged
 from git_project import make_git_project
 from scripted_agent import ScriptedAgent, run_scripted
 from test_report import assert_png, write_journal
@@ -57,6 +60,28 @@ async def test_the_child_draws_the_picture_from_the_journal(tmp_path):
     picture = tmp_path / "r1" / "memory" / "tree_block_001.png"
     assert await draw_tree_picture(tmp_path / "r1", 4, picture) is None
     assert_png(picture)
+
+
+def test_a_normal_user_draws_the_picture_of_their_own_run(reachable_tmp):
+    """As uid 65534 (no home of its own, so matplotlib has no cache folder either), on a
+    run that user owns: the picture is drawn, as it is for root."""
+    pytest.importorskip("matplotlib")
+    if os.geteuid() != 0 or unprivileged.available() is not None:
+        pytest.skip("needs root, to become another user")
+    run_dir = reachable_tmp / "r1"
+    write_journal(run_dir, "r1", "heuristic")
+    unprivileged.give_to_nobody(run_dir)
+    picture = run_dir / "memory" / "tree_block_001.png"
+    env = unprivileged.environment_for_nobody(
+        {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
+        reachable_tmp / "hold")
+    done = subprocess.run(
+        unprivileged.argv_as_nobody([sys.executable, "-m", "engine.tree_picture",
+                                     str(run_dir), "4", str(picture)]),
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_png(picture)
+    assert picture.stat().st_uid == unprivileged.NOBODY
 
 
 async def test_without_matplotlib_the_picture_is_skipped_quietly(tmp_path, monkeypatch):
