@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.journal import Journal  # noqa: E402
+from engine.plots import draw_curves  # noqa: E402
 from engine.report import Curve, read_run  # noqa: E402
 from engine.tree import Node  # noqa: E402
 
@@ -46,9 +47,6 @@ METHODS = ("heuristic", "tpe", "random")
 AGENTS = {"heuristic": "heuristic", "anthropic": "anthropic"}  # the rest are baselines
 MILESTONES = (12, 24)
 TARGET_R2 = 0.95
-GAP_FLOOR = 1e-4  # a best R² above 0.9999 is drawn at this gap
-COLOURS = {"heuristic": "tab:blue", "tpe": "tab:orange", "random": "tab:green",
-           "anthropic": "tab:red"}
 
 
 def prepare_project(root: Path) -> None:
@@ -217,38 +215,9 @@ def summarise(root: Path, methods: Sequence[str], seeds: Sequence[int],
                 ours, theirs = figures[key], medians["tpe"][key]
                 if ours is not None and theirs is not None and ours < 1:
                     lines.append(f"- {method} {label}: {(1 - theirs) / (1 - ours):.2f}×")
-    _plot(curves, root / "best_so_far.png")
-    lines += ["", "![1 − best R² so far, per iteration and per training time](best_so_far.png)"]
+    draw_curves([curve for runs in curves.values() for curve in runs], root / "best_so_far.png")
+    lines += ["", "![best R² so far, per iteration and per training time](best_so_far.png)"]
     return "\n".join(lines)
-
-
-def _plot(curves: dict[str, list[Curve]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, (by_iteration, by_hour) = pyplot.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for method, runs in curves.items():
-        for index, curve in enumerate(runs):
-            if not curve.iterations:
-                continue
-            style = {"where": "post", "color": COLOURS.get(method), "alpha": 0.8,
-                     "label": method if index == 0 else None}
-            # the gap to a perfect fit, on a log scale: 0.99 to 0.999 is as far as 0.9 to 0.99
-            gaps = [max(1.0 - best, GAP_FLOOR) for best in curve.best]
-            by_iteration.step(curve.iterations, gaps, **style)
-            by_hour.step([hours * 60 for hours in curve.hours], gaps, **style)
-    by_iteration.set(xlabel="iteration", ylabel="1 − best R² so far (lower is better)",
-                     title="per iteration")
-    by_hour.set(xlabel="minutes of training (wall time of the runs)", title="per training time")
-    for axes in (by_iteration, by_hour):
-        axes.set_yscale("log")
-        axes.grid(alpha=0.3, which="both")
-    by_iteration.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ KIND_LABEL_LIMIT = 48  # characters of a kind of change shown on the bar chart's
 KINDS_SHOWN = 20  # bars on the chart (report.md lists every kind)
 LABELLED_NODES = 80  # up to this many nodes the tree picture prints their ids
 LINE_STYLES = ("-", "--", "-.", ":")  # overlaid runs stay apart where their curves meet
+GAP_FLOOR = 1e-5  # a best R² above 0.99999 is drawn at this gap to 1
 VERDICT_COLOURS = {"helped": "tab:green", "no effect": "tab:gray", "hurt": "tab:red"}
 
 
@@ -58,33 +59,59 @@ def _save(figure: Any, path: Path) -> None:
 
 def draw_curves(curves: Sequence[Curve], path: Path) -> None:
     """Best-so-far R² per iteration (left) and per hour of training (right), one line per
-    run, labelled with the run and its agent."""
+    run, labelled with the run and its agent; runs of one agent share a colour. The axis
+    is logarithmic in the gap to R² 1, so 0.99 to 0.999 is as far as 0.9 to 0.99."""
     figure = _figure(11, 4.2)
     by_iteration, by_hour = figure.subplots(1, 2, sharey=True)
     # a short run reads better in minutes; the axis says which
     longest = max((hours for curve in curves for hours in curve.hours), default=0.0)
     scale, unit = (1.0, "hours") if longest >= 1 else (60.0, "minutes")
-    for index, curve in enumerate(curves):
+    palette = [f"C{index}" for index in range(10)]
+    colours: dict[str, str] = {}
+    runs_of: dict[str, int] = {}
+    for curve in curves:
         if not curve.iterations:
             continue
+        colour = colours.setdefault(curve.agent, palette[len(colours) % len(palette)])
         style = {"where": "post", "marker": "o", "markersize": 3, "alpha": 0.85,
-                 "linestyle": LINE_STYLES[index % len(LINE_STYLES)], "label": curve.label}
-        line, = by_iteration.step(curve.iterations, curve.best, **style)
-        by_hour.step([hours * scale for hours in curve.hours], curve.best,
-                     color=line.get_color(), **style)
-    by_iteration.set(xlabel="iteration", ylabel="best R² so far",
+                 "color": colour, "label": curve.label,
+                 "linestyle": LINE_STYLES[runs_of.get(curve.agent, 0) % len(LINE_STYLES)]}
+        runs_of[curve.agent] = runs_of.get(curve.agent, 0) + 1
+        gaps = [max(1.0 - best, GAP_FLOOR) for best in curve.best]
+        by_iteration.step(curve.iterations, gaps, **style)
+        by_hour.step([hours * scale for hours in curve.hours], gaps, **style)
+    by_iteration.set(xlabel="iteration", ylabel="best R² so far (log scale of 1 − R²)",
                      title="best R² per iteration")
     by_hour.set(xlabel=f"{unit} of training (wall time of the runs)",
                 title="best R² against training time (compute)")
     _whole_ticks(by_iteration.xaxis)
+    _r2_gap_axis(by_iteration)
     for axes in (by_iteration, by_hour):
-        axes.grid(alpha=0.3)
+        axes.grid(alpha=0.3, which="both")
     if any(curve.iterations for curve in curves):
         by_iteration.legend(loc="lower right", fontsize="small")
     else:
         by_iteration.text(0.5, 0.5, "no scored node yet", ha="center",
                           transform=by_iteration.transAxes)
     _save(figure, path)
+
+
+def _r2_gap_axis(axes: Any) -> None:
+    """A y axis of 1 − R² on a log scale, turned over (better is higher) and labelled in R²
+    (… 0.9, 0.95, 0.98, 0.99, 0.995 …: gaps of 1, 2 and 5 in each decade)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def r2_label(gap: float, _position: float) -> str:
+        decimals = max(0, math.ceil(-math.log10(gap) - 1e-9)) if gap > 0 else 0
+        return f"{1.0 - gap:.{decimals}f}"
+
+    axes.set_yscale("log")
+    axes.invert_yaxis()
+    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(FuncFormatter(r2_label))
+    axes.yaxis.set_minor_formatter(NullFormatter())
 
 
 def draw_tree(points: Sequence[TreePoint], best_path: Sequence[int], path: Path,
