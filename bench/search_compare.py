@@ -10,10 +10,10 @@ is reused and an interrupted one resumed, so the benchmark can be stopped and st
 and grows seed by seed.
 
 Prints, per method, the median over seeds of the best R² after 12 and 24 iterations, the
-training time the 24 took, the best R² within a common training budget (the shortest total
-any run spent), and the time to reach R² 0.95; then the ratios against TPE. Writes
-`summary.md` and `best_so_far.png` (every run's best-so-far curve, by iteration and by
-hour of training) into the root.
+training time the 24 took, the held-out-frame R² of the best node, the best R² within a
+common training budget (the shortest total any run spent), and the time to reach R² 0.95;
+then the ratios against TPE. Writes `summary.md` and `best_so_far.png` (the report's plot
+of every run's best-so-far curve, by iteration and by hour of training) into the root.
 
 usage: python bench/search_compare.py [--methods heuristic,tpe,random] [--seeds 0,1,2]
                                       [--iterations 24] [--budget 24] [--root DIR]
