@@ -45,7 +45,6 @@ from engine.tree import Node  # noqa: E402
 CONFIG = REPO / "configs" / "multimaterial_1_discs_3types.yaml"
 METHODS = ("heuristic", "tpe", "random")
 AGENTS = {"heuristic": "heuristic", "anthropic": "anthropic"}  # the rest are baselines
-MILESTONES = (12, 24)
 TARGET_R2 = 0.95
 
 
