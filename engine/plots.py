@@ -66,17 +66,17 @@ def draw_curves(curves: Sequence[Curve], path: Path) -> None:
     # a short run reads better in minutes; the axis says which
     longest = max((hours for curve in curves for hours in curve.hours), default=0.0)
     scale, unit = (1.0, "hours") if longest >= 1 else (60.0, "minutes")
-    palette = [f"C{index}" for index in range(10)]
-    colours: dict[str, str] = {}
-    runs_of: dict[str, int] = {}
+    agents: list[str] = []  # in order of appearance: each its colour of matplotlib's cycle
+    runs_drawn: list[str] = []  # one entry per run drawn, naming its agent
     for curve in curves:
         if not curve.iterations:
             continue
-        colour = colours.setdefault(curve.agent, palette[len(colours) % len(palette)])
+        if curve.agent not in agents:
+            agents.append(curve.agent)
         style = {"where": "post", "marker": "o", "markersize": 3, "alpha": 0.85,
-                 "color": colour, "label": curve.label,
-                 "linestyle": LINE_STYLES[runs_of.get(curve.agent, 0) % len(LINE_STYLES)]}
-        runs_of[curve.agent] = runs_of.get(curve.agent, 0) + 1
+                 "color": f"C{agents.index(curve.agent) % 10}", "label": curve.label,
+                 "linestyle": LINE_STYLES[runs_drawn.count(curve.agent) % len(LINE_STYLES)]}
+        runs_drawn.append(curve.agent)
         gaps = [max(1.0 - best, GAP_FLOOR) for best in curve.best]
         by_iteration.step(curve.iterations, gaps, **style)
         by_hour.step([hours * scale for hours in curve.hours], gaps, **style)
