@@ -281,18 +281,34 @@ def two_branches(lr_r2: float, omega_r2: float) -> History:
             .add(3, 1, 0.82, {HIDDEN: 128}).add(4, 2, omega_r2, {OMEGA: 40.0}))
 
 
-async def test_a_lead_inside_the_noise_is_re_tested_when_no_move_pays_more():
+async def test_a_lead_inside_the_noise_over_another_branch_is_re_tested_when_no_move_pays_more():
     config = narrow({HIDDEN: [64, 128]})
-    history = History().add(1, None, 0.900).add(2, 1, 0.905, {HIDDEN: 128})
-    proposal = await propose(history.context(3, candidates=(2, 1), config=config), config)
+    # node 2 (wider) and node 3 (a code change) are two branches 0.002 apart; at node 2 every
+    # width has run, so no move is left there
+    history = (History().add(1, None, 0.900).add(2, 1, 0.905, {HIDDEN: 128})
+               .add(3, 1, 0.903, template=TEMPLATES[0], strategy="code-modification"))
+    reply = await HeuristicAgent(config).propose(history.context(4, candidates=(2, 3, 1),
+                                                                 config=config))
+    proposal = reply.proposal
     assert (proposal.strategy, proposal.parent_id) == (Strategy.RETEST, 2)
     assert proposal.config_changes == {"training.seed": 1}
-    assert "assumed until a re-test measures it" in proposal.analysis + proposal.parent_rule \
-        or proposal.parent_rule == "Node 2 (best, its lead inside the noise)"
+    assert "Node 2 leads node 3 of another branch by 0.0020 R2" in reply.reasoning
     # the re-test measured the noise (0.905 vs 0.903): node 2 is not re-tested twice
-    history.add(3, 2, 0.903, {"training.seed": 1}, strategy="re-test")
-    again = await propose(history.context(4, candidates=(2, 3, 1), config=config), config)
+    history.add(4, 2, 0.903, {"training.seed": 1}, strategy="re-test")
+    again = await propose(history.context(5, candidates=(2, 4, 3, 1), config=config), config)
     assert again.strategy is not Strategy.RETEST or again.parent_id != 2
+
+
+async def test_a_lead_inside_the_noise_over_its_own_parent_is_not_re_tested():
+    config = narrow({HIDDEN: [32, 64, 128], LAYERS: [3, 4]})
+    # node 2 leads its parent by 0.005 with a noise of 0.042 (nodes 3 and 4), and its one move
+    # promises less than that; node 2 carries its parent's config, so the move runs
+    history = (History().add(1, None, 0.900).add(2, 1, 0.905, {HIDDEN: 128})
+               .add(3, 1, 0.850, {HIDDEN: 32})
+               .add(4, 3, 0.790, {"training.seed": 1}, strategy="re-test"))
+    proposal = await propose(history.context(5, candidates=(2, 1, 3, 4), config=config), config)
+    assert (proposal.strategy, proposal.parent_id) == (Strategy.EXPLOIT, 2)
+    assert proposal.config_changes == {LAYERS: 4}
 
 
 async def test_a_clear_lead_is_not_re_tested():

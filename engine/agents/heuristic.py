@@ -7,8 +7,8 @@ fitted to every node that ran, and a cost model of the training time, rank the o
 (and, when exploiting, the recombinations with a good node of another branch) by expected
 gain against extra cost; a move expected to pass the wall-time limit is never made, and the
 analysis entry says what the chosen move is expected to gain and to cost. A re-test runs only
-when the best node's lead over its nearest rival is inside the seed noise and no move is
-expected to gain more. Principles enter memory.md from three agreeing observations and none
+when the best node's lead over the best of another branch is inside the seed noise and no
+move is expected to gain more. Principles enter memory.md from three agreeing observations and none
 against, and are withdrawn when contradicted (`engine.agents.principles`).
 
 Given the same config seed and the same history it returns the same proposal: the models are
@@ -792,8 +792,10 @@ class Planner:
 
     # row 9
     def retest(self) -> Plan | None:
-        """A re-test pays only when the best node's lead over its nearest rival (another
-        config or code) is inside the seed noise: one more seed tells them apart."""
+        """A re-test pays only when the best node's lead over the best node of another branch
+        is inside the seed noise: one more seed decides which branch to build on. A rival on
+        the best node's own line (its ancestor or descendant) is no such choice: one of the
+        two carries the other's changes, so building on the best costs little either way."""
         h = self.history
         done = sorted((n for n in h.candidates() if n.status == "done"),
                       key=lambda n: (-n.r2, n.id))
@@ -801,7 +803,8 @@ class Planner:
             return None
         best = done[0]
         group = {n.id for n in h.seed_group(best)}
-        rival = next((n for n in done[1:] if n.id not in group), None)
+        rival = next((n for n in done[1:] if n.id not in group
+                      and not h.is_ancestor(n, best) and not h.is_ancestor(best, n)), None)
         if rival is None or h.seed_rerun(best.id):
             return None
         noise, freedom = h.noise()
@@ -817,9 +820,9 @@ class Planner:
                     f"the best move there is expected to gain only {move.expected_gain:.4f}")
         return self._seed_plan(
             9, Strategy.RETEST, best, f"Node {best.id} (best, its lead inside the noise)",
-            f"Node {best.id} leads node {rival.id} by {gap:.4f} R2, inside the seed noise "
-            f"({noise:.4f}, {measured}), and {expected}: one more training seed tells them "
-            "apart.")
+            f"Node {best.id} leads node {rival.id} of another branch by {gap:.4f} R2, inside "
+            f"the seed noise ({noise:.4f}, {measured}), and {expected}: one more training seed "
+            "tells which branch to build on.")
 
     # row 10 (recombine) and row 11 (exploit): the models rank both kinds of move together
     def exploit(self) -> Plan:
