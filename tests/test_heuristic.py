@@ -311,6 +311,17 @@ async def test_a_lead_inside_the_noise_over_its_own_parent_is_not_re_tested():
     assert proposal.config_changes == {LAYERS: 4}
 
 
+async def test_a_move_back_to_a_config_that_ran_under_another_seed_is_not_made():
+    config = narrow({HIDDEN: [32, 64, 128]})
+    # node 3 re-ran the base config with seed 1: giving it node 2's width would re-test
+    # node 2 by another name, past the re-test rule
+    history = (History().add(1, None, 0.900).add(2, 1, 0.905, {HIDDEN: 128})
+               .add(3, 1, 0.870, {"training.seed": 1}, strategy="re-test"))
+    proposal = await propose(history.context(4, candidates=(2, 1, 3), config=config), config)
+    assert (proposal.parent_id, proposal.config_changes) != (3, {HIDDEN: 128})
+    assert (proposal.strategy, proposal.parent_id) == (Strategy.EXPLOIT, 2)
+
+
 async def test_a_clear_lead_is_not_re_tested():
     config = narrow({HIDDEN: [64, 128, 256]})
     history = History().add(1, None, 0.80).add(2, 1, 0.90, {HIDDEN: 128})

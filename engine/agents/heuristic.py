@@ -278,17 +278,23 @@ class History:
 
     def taken(self, parent_id: int | None, changes: Mapping[str, Any]) -> bool:
         """True when a change repeats a (parent, key, value) already tried or rejected, or
-        would rerun the exact config and code of an existing node (e.g. undoing a step)."""
+        would rerun the config and code of an existing node (e.g. undoing a step) — but for
+        the training seed, unless the change is the seed: a move from a node's seed re-run
+        back to another node's config is a re-test by another name."""
         if not changes or any(self.exists(parent_id, k, v) for k, v in changes.items()):
             return True
         if self._runs is None:
-            self._runs = {self._run_key(n.id, self.flat_config(n.id)) for n in self.context.nodes}
-            self._flight_runs = {
-                self._run_key(f.parent_id, self.flat_config(f.parent_id)
-                              | dict(f.config_changes)): f
-                for f in self.unapplied if f.code_change is None
-            }
-        run = self._run_key(parent_id, self.flat_config(parent_id) | dict(changes))
+            self._runs = {self._seedless_key(n.id) for n in self.context.nodes} \
+                | {self._run_key(n.id, self.flat_config(n.id)) for n in self.context.nodes}
+            self._flight_runs = {}
+            for flight in self.unapplied:
+                if flight.code_change is None:
+                    flat = self.flat_config(flight.parent_id) | dict(flight.config_changes)
+                    self._flight_runs[self._run_key(flight.parent_id, flat)] = flight
+                    self._flight_runs[self._run_key(flight.parent_id, without_seed(flat))] = \
+                        flight
+        flat = self.flat_config(parent_id) | dict(changes)
+        run = self._run_key(parent_id, flat if SEED_KEY in changes else without_seed(flat))
         flight = self._flight_runs.get(run)
         if flight is not None:
             self.collide(flight, "the same config and code")
@@ -376,8 +382,7 @@ class History:
                 if n.status == "done" and self._seedless_key(n.id) == key]
 
     def _seedless_key(self, node_id: int) -> tuple[Any, ...]:
-        flat = {k: v for k, v in self.flat_config(node_id).items() if k != SEED_KEY}
-        return self._run_key(node_id, flat)
+        return self._run_key(node_id, without_seed(self.flat_config(node_id)))
 
     def noise(self) -> tuple[float, int]:
         """The R² spread over training seeds (a standard deviation), pooled over every group
@@ -394,6 +399,10 @@ class History:
         if not freedom:
             return NOISE_PRIOR_R2, 0
         return max(math.sqrt(squares / freedom), 1e-4), freedom
+
+
+def without_seed(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k != SEED_KEY}
 
 
 def _capped(nodes: Sequence[NodeSummary]) -> list[NodeSummary]:
