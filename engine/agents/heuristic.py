@@ -8,8 +8,8 @@ fitted to every node that ran, and a cost model of the training time, rank the o
 gain against extra cost; a move expected to pass the wall-time limit is never made, and the
 analysis entry says what the chosen move is expected to gain and to cost. A re-test runs only
 when the best node's lead over the best of another branch is inside the seed noise and no
-move is expected to gain more. Principles enter memory.md from three agreeing observations and none
-against, and are withdrawn when contradicted (`engine.agents.principles`).
+move is expected to gain more. Principles enter memory.md from three agreeing observations
+and none against, and are withdrawn when contradicted (`engine.agents.principles`).
 
 Given the same config seed and the same history it returns the same proposal: the models are
 deterministic, and all other chance comes from one `random.Random` derived from (seed,
