@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS) - set(AGENTS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}: {', '.join(METHODS)}, anthropic")
-    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, not {args.seeds!r}")
     root = args.root.resolve()
     if not args.report_only:
         prepare_project(root)
