@@ -84,6 +84,7 @@ LIST_SECTION_CAP = 60
 OBSERVATION_LINES_CAP = 30
 SUMMARY_LINES_CAP = 15
 
+RunKey = tuple[Any, ...]  # a code signature and a sorted config: what a node ran
 FINISHED = ("done", "diverged")
 NOT_RUN = ("pending", "running")
 
@@ -178,11 +179,11 @@ class History:
         )
         self._flat: dict[int | None, dict[str, Any]] = {}
         self._code: dict[int | None, tuple[str, ...]] = {}
-        self._runs: set[tuple[Any, ...]] | None = None
         self.in_flight = context.in_flight
         # in-flight proposals that are not nodes yet (applied ones are children already)
         self.unapplied = tuple(f for f in context.in_flight if f.iteration not in self.by_id)
-        self._flight_runs: dict[tuple[Any, ...], InFlight] = {}
+        # (code, config) identities of what ran or is proposed, with the seed and without
+        self._run_indexes: dict[bool, tuple[set[RunKey], dict[RunKey, InFlight]]] = {}
         self.collisions: list[str] = []  # in-flight changes this plan stepped around
         self._models: dict[tuple[str, ...], tuple[GainModel, CostModel]] = {}
 
@@ -283,22 +284,29 @@ class History:
         back to another node's config is a re-test by another name."""
         if not changes or any(self.exists(parent_id, k, v) for k, v in changes.items()):
             return True
-        if self._runs is None:
-            self._runs = {self._seedless_key(n.id) for n in self.context.nodes} \
-                | {self._run_key(n.id, self.flat_config(n.id)) for n in self.context.nodes}
-            self._flight_runs = {}
-            for flight in self.unapplied:
-                if flight.code_change is None:
-                    flat = self.flat_config(flight.parent_id) | dict(flight.config_changes)
-                    self._flight_runs[self._run_key(flight.parent_id, flat)] = flight
-                    self._flight_runs[self._run_key(flight.parent_id, without_seed(flat))] = \
-                        flight
+        with_seed = SEED_KEY in changes
+        ran, proposed = self._run_index(with_seed)
         flat = self.flat_config(parent_id) | dict(changes)
-        run = self._run_key(parent_id, flat if SEED_KEY in changes else without_seed(flat))
-        flight = self._flight_runs.get(run)
+        run = self._run_key(parent_id, flat if with_seed else without_seed(flat))
+        flight = proposed.get(run)
         if flight is not None:
             self.collide(flight, "the same config and code")
-        return run in self._runs or flight is not None
+        return run in ran or flight is not None
+
+    def _run_index(self, with_seed: bool) -> tuple[set[RunKey], dict[RunKey, InFlight]]:
+        """The (code, config) identities of every node and of every unapplied in-flight config
+        change, with the training seed or without it."""
+        if with_seed not in self._run_indexes:
+            def identity(node_id: int | None, flat: dict[str, Any]) -> RunKey:
+                return self._run_key(node_id, flat if with_seed else without_seed(flat))
+
+            ran = {identity(n.id, self.flat_config(n.id)) for n in self.context.nodes}
+            proposed = {
+                identity(f.parent_id, self.flat_config(f.parent_id) | dict(f.config_changes)): f
+                for f in self.unapplied if f.code_change is None
+            }
+            self._run_indexes[with_seed] = ran, proposed
+        return self._run_indexes[with_seed]
 
     def _same_way(self, parent_id: int | None, key: str, a: Any, b: Any) -> bool:
         """Both values step the search-space key the same way from the parent's: two slots
@@ -330,7 +338,7 @@ class History:
         changes += [f.config_changes for f in self.flights_at(node_id) if f.code_change is None]
         return any(set(c) == {SEED_KEY} for c in changes)
 
-    def _run_key(self, node_id: int | None, flat: Mapping[str, Any]) -> tuple[Any, ...]:
+    def _run_key(self, node_id: int | None, flat: Mapping[str, Any]) -> RunKey:
         """A hashable identity of (code, config); floats to 9 significant digits."""
         def norm(value: Any) -> Any:
             if isinstance(value, float):
@@ -381,7 +389,7 @@ class History:
         return [n for n in self.context.nodes
                 if n.status == "done" and self._seedless_key(n.id) == key]
 
-    def _seedless_key(self, node_id: int) -> tuple[Any, ...]:
+    def _seedless_key(self, node_id: int) -> RunKey:
         return self._run_key(node_id, without_seed(self.flat_config(node_id)))
 
     def noise(self) -> tuple[float, int]:
