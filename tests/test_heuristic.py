@@ -322,6 +322,48 @@ async def test_a_move_back_to_a_config_that_ran_under_another_seed_is_not_made()
     assert (proposal.strategy, proposal.parent_id) == (Strategy.EXPLOIT, 2)
 
 
+def seed_one_run() -> History:
+    """Nodes 1-16 of the benchmark's offline-agent run on seed 1 as they ran (R2, training
+    seconds): block 2 opened with a learning rate x5 that trained to R2 0, and its nodes then
+    walked the rate down, each step worse than the last."""
+    steps = [  # node, parent, R2, seconds, change
+        (1, None, 0.6205, 12.3, {LR: 3e-5}), (2, 1, 0.9472, 14.5, {LR: 3e-4}),
+        (3, 2, 0.8251, 11.7, {LR: 9e-4}), (4, 2, 0.9625, 25.9, {FPB: 8}),
+        (5, 4, 0.9753, 53.2, {FPB: 16}), (6, 5, 0.9825, 86.7, {LAYERS: 5}),
+        (7, 6, 0.9932, 213.1, {HIDDEN: 128}), (8, 7, 0.9940, 208.0, {OMEGA: 15.0}),
+        (9, 7, 0.9908, 223.5, {LR: 2e-4}), (10, 8, 0.9933, 234.0, {"training.seed": 1}),
+        (11, 3, -0.0016, 14.8, {LR: 9e-3}), (12, 10, 0.9950, 231.6, {LR: 4.5e-4}),
+        (13, 12, 0.0000, 276.4, {LR: 2.25e-3}), (14, 13, 0.9930, 208.6, {LR: 2.25e-4}),
+        (15, 14, 0.9701, 205.1, {LR: 7.5e-5}), (16, 15, 0.6481, 211.6, {LR: 7.5e-6}),
+    ]
+    history = History()
+    for node, parent, r2, _, change in steps:
+        history.add(node, parent, r2, change,
+                    strategy="re-test" if "training.seed" in change else "exploit")
+    return timed(history, {node: seconds for node, _, _, seconds, _ in steps})
+
+
+async def test_a_step_that_made_its_node_worse_is_not_pushed_further():
+    history = seed_one_run()
+    # the engine's candidates at iteration 17: block 2's nodes, the freshest leaf first
+    proposal = await propose(history.context(17, candidates=(16, 15, 14, 13)))
+    parent = proposal.parent_id
+    lowered = proposal.config_changes.get(LR, math.inf) < get_dotted(
+        history.nodes[parent].config, LR)
+    # nodes 15 and 16 each lowered the rate and came out worse: lower still is not tried
+    assert not (parent in (15, 16) and lowered), (parent, proposal.config_changes)
+
+
+async def test_a_block_whose_first_step_went_wrong_builds_on_the_best_of_the_run():
+    history = seed_one_run()
+    del history.nodes[16], history.nodes[15]
+    # block 2 has nodes 13 (R2 0) and 14 (0.993); the run's best, node 12 (0.995), is in block 1
+    proposal = await propose(history.context(15, candidates=(14, 13)))
+    assert proposal.strategy is Strategy.EXPLOIT
+    assert proposal.parent_id not in (13, 14), proposal
+    assert "of the run, block 1" in proposal.parent_rule
+
+
 async def test_a_clear_lead_is_not_re_tested():
     config = narrow({HIDDEN: [64, 128, 256]})
     history = History().add(1, None, 0.80).add(2, 1, 0.90, {HIDDEN: 128})

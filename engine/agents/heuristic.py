@@ -186,6 +186,7 @@ class History:
         self._run_indexes: dict[bool, tuple[set[RunKey], dict[RunKey, InFlight]]] = {}
         self.collisions: list[str] = []  # in-flight changes this plan stepped around
         self._models: dict[tuple[str, ...], tuple[GainModel, CostModel]] = {}
+        self._noise: tuple[float, int] | None = None
 
     # nodes
     def parent(self, node: NodeSummary) -> NodeSummary | None:
@@ -217,6 +218,15 @@ class History:
         if listed:
             return listed
         return sorted((n for n in self.context.nodes if n.status in FINISHED),
+                      key=lambda n: (-n.r2, n.id))
+
+    def comparable(self) -> list[NodeSummary]:
+        """Finished nodes of the whole run in the candidates' regime, best R2 first: a block
+        that keeps the regime may build on an earlier block's best, not only on its own."""
+        candidates = self.candidates()
+        regime = self.regime(candidates[0].id) if candidates else None
+        return sorted((n for n in self.context.nodes
+                       if n.status in FINISHED and self.regime(n.id) == regime),
                       key=lambda n: (-n.r2, n.id))
 
     def best_done(self, nodes: Iterable[NodeSummary]) -> NodeSummary | None:
@@ -349,6 +359,20 @@ class History:
 
         return self.code_signature(node_id), tuple(sorted((k, norm(v)) for k, v in flat.items()))
 
+    def hurt_way(self, node_id: int | None, key: str) -> int:
+        """The way (+1 up, -1 down) the node's own step moved `key` when that step left it
+        worse than its parent by more than the seed noise; 0 otherwise. A further step that
+        way from the node is not made: what went wrong once is not pushed further."""
+        node = self.by_id.get(node_id) if node_id is not None else None
+        parent = self.parent(node) if node is not None else None
+        if node is None or parent is None or key not in self.space:
+            return 0
+        way = direction_of(self.space[key], self.value(parent.id, key), self.value(node.id, key))
+        mine, theirs = self.observed(node).r2, self.observed(parent).r2
+        if not way or mine is None or theirs is None or mine >= theirs - self.noise()[0]:
+            return 0
+        return way
+
     def keys_tried_at(self, node_id: int | None) -> set[str]:
         tried = {k for child in self.children.get(node_id, []) for k in child.config_changes}
         return tried | {k for f in self.flights_at(node_id) for k in f.config_changes}
@@ -395,7 +419,12 @@ class History:
     def noise(self) -> tuple[float, int]:
         """The R² spread over training seeds (a standard deviation), pooled over every group
         of seed re-runs, with its degrees of freedom; `NOISE_PRIOR_R2` and 0 before any."""
-        groups: dict[tuple[Any, ...], list[float]] = {}
+        if self._noise is None:
+            self._noise = self._measured_noise()
+        return self._noise
+
+    def _measured_noise(self) -> tuple[float, int]:
+        groups: dict[RunKey, list[float]] = {}
         for node in self.context.nodes:
             if node.status == "done":
                 groups.setdefault(self._seedless_key(node.id), []).append(node.r2)
@@ -493,13 +522,16 @@ class Planner:
                   extra: Sequence[Mapping[str, Any]] = ()) -> Move | None:
         """The models' best move from the parent among the one-key moves of `keys` (only
         those going `directions`, when given) and the `extra` changes, leaving out what was
-        tried, rejected or is in flight, and what would pass the wall-time limit."""
+        tried, rejected or is in flight, a step further the way the parent's own step on that
+        key hurt, and what would pass the wall-time limit."""
         h = self.history
         changes: list[Mapping[str, Any]] = []
         for key in keys:
             spec, old = h.space[key], h.value(parent_id, key)
+            hurt = h.hurt_way(parent_id, key)
             for value in one_key_values(spec, old):
-                if directions and direction_of(spec, old, value) not in directions:
+                way = direction_of(spec, old, value)
+                if (directions and way not in directions) or (hurt and way == hurt):
                     continue
                 if not h.taken(parent_id, {key: value}):
                     changes.append({key: value})
@@ -845,15 +877,19 @@ class Planner:
     def exploit(self) -> Plan:
         h = self.history
         candidates = h.candidates()
-        by_r2 = sorted((n for n in candidates if n.status == "done"), key=lambda n: (-n.r2, n.id))
+        # the best by R2 come from the whole run: a block whose first step went wrong still
+        # builds on the best node of the blocks before it
+        by_r2 = [n for n in h.comparable() if n.status == "done"]
         shortlist = list({n.id: n for n in candidates[:TREE_PARENTS] + by_r2[:BEST_PARENTS]}
                          .values())
         for parents in (shortlist, candidates):  # every candidate when the shortlist has no move
             found = self._best_parent(parents, lambda parent: self._exploit_move(parent)[0])
             if found is not None:
                 parent, _ = found
-                rank = candidates.index(parent) + 1
-                rule = (f"Node {parent.id} (rank {rank} by score, R2 {quality_word(parent.r2)}; "
+                standing = (f"rank {candidates.index(parent) + 1} by score"
+                            if parent in candidates else
+                            f"R2 rank {by_r2.index(parent) + 1} of the run, block {parent.block}")
+                rule = (f"Node {parent.id} ({standing}, R2 {quality_word(parent.r2)}; "
                         "the model expects most from it)")
                 plan = self._exploit_at(parent, rule, "No earlier row matched")
                 if plan is not None:
