@@ -354,6 +354,33 @@ async def test_a_step_that_made_its_node_worse_is_not_pushed_further():
     assert not (parent in (15, 16) and lowered), (parent, proposal.config_changes)
 
 
+def learning_rate_only() -> ExperimentConfig:
+    space = {LR: ParamRange(low=1e-6, high=1e-2, log=True)}
+    return CONFIG.model_copy(update={"exploration": CONFIG.exploration.model_copy(
+        update={"search_space": space})})
+
+
+async def test_the_learning_rate_moves_by_at_most_three_fold_unless_its_last_step_helped():
+    config = learning_rate_only()
+    # node 2's own step was its depth: the rate moves by the protocol's 2-3x (or 1.5x), not 10x
+    history = History().add(1, None, 0.60).add(2, 1, 0.70, {LAYERS: 4})
+    proposal = await propose(history.context(3, candidates=(2, 1), config=config), config)
+    ratio = proposal.config_changes[LR] / get_dotted(history.nodes[proposal.parent_id].config, LR)
+    assert any(math.isclose(max(ratio, 1 / ratio), f, rel_tol=0.01) for f in (1.5, 2, 3)), ratio
+
+
+async def test_a_step_that_helped_may_be_pushed_by_the_protocols_bigger_step():
+    config = learning_rate_only()
+    # node 2 tripled the rate and gained 0.2: from it the rate may go up 5x or 10x, down only 3x
+    history = History().add(1, None, 0.60).add(2, 1, 0.80, {LR: 3e-5})
+    proposal = await propose(history.context(3, candidates=(2,), config=config), config)
+    assert proposal.parent_id == 2
+    ratio = proposal.config_changes[LR] / 3e-5
+    allowed = (1.5, 2, 3, 5, 10, 1 / 1.5, 1 / 2)  # 1/3 is node 1's config
+    assert any(math.isclose(ratio, f, rel_tol=0.01) for f in allowed), ratio
+    assert ratio > 4  # on a gain this large the model takes the bigger step
+
+
 async def test_a_block_whose_first_step_went_wrong_builds_on_the_best_of_the_run():
     history = seed_one_run()
     del history.nodes[16], history.nodes[15]

@@ -61,8 +61,11 @@ def test_one_key_values_stay_in_range_and_never_repeat_the_current_value():
     spec = ParamRange(low=1e-6, high=1e-2, log=True)
     values = one_key_values(spec, 3e-3)
     assert values and all(1e-6 <= v <= 1e-2 and not same_value(v, 3e-3) for v in values)
-    assert 1e-2 in values  # x5 and x10 are clipped to the top, once
-    assert len(values) == len({f"{v:.6g}" for v in values})
+    assert sorted(values) == [1e-3, 1.5e-3, 2e-3, 4.5e-3, 6e-3, 9e-3]  # x and / 1.5, 2, 3
+    pushed = one_key_values(spec, 3e-3, push=1)
+    assert sorted(set(pushed) - set(values)) == [1e-2]  # x5 and x10 clipped to the top, once
+    assert len(pushed) == len({f"{v:.6g}" for v in pushed})
+    assert sorted(set(one_key_values(spec, 3e-3, push=-1)) - set(values)) == [3e-4, 6e-4]
     assert one_key_values(ParamRange(choices=[1, 2, 4]), 2) == [1, 4]
     assert one_key_values(ParamRange(low=2, high=5, integer=True), 3) == [4, 2]
 

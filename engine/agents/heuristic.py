@@ -359,19 +359,20 @@ class History:
 
         return self.code_signature(node_id), tuple(sorted((k, norm(v)) for k, v in flat.items()))
 
-    def hurt_way(self, node_id: int | None, key: str) -> int:
-        """The way (+1 up, -1 down) the node's own step moved `key` when that step left it
-        worse than its parent by more than the seed noise; 0 otherwise. A further step that
-        way from the node is not made: what went wrong once is not pushed further."""
+    def last_step(self, node_id: int | None, key: str) -> tuple[int, int]:
+        """The way (+1 up, -1 down, 0 unchanged) the node's own step moved `key`, and what it
+        did: +1 it left the node better than its parent by more than the seed noise, -1
+        worse by more, 0 neither (or not known)."""
         node = self.by_id.get(node_id) if node_id is not None else None
         parent = self.parent(node) if node is not None else None
         if node is None or parent is None or key not in self.space:
-            return 0
+            return 0, 0
         way = direction_of(self.space[key], self.value(parent.id, key), self.value(node.id, key))
         mine, theirs = self.observed(node).r2, self.observed(parent).r2
-        if not way or mine is None or theirs is None or mine >= theirs - self.noise()[0]:
-            return 0
-        return way
+        if not way or mine is None or theirs is None:
+            return way, 0
+        noise = self.noise()[0]
+        return way, 1 if mine > theirs + noise else -1 if mine < theirs - noise else 0
 
     def keys_tried_at(self, node_id: int | None) -> set[str]:
         tried = {k for child in self.children.get(node_id, []) for k in child.config_changes}
@@ -523,15 +524,17 @@ class Planner:
         """The models' best move from the parent among the one-key moves of `keys` (only
         those going `directions`, when given) and the `extra` changes, leaving out what was
         tried, rejected or is in flight, a step further the way the parent's own step on that
-        key hurt, and what would pass the wall-time limit."""
+        key hurt, and what would pass the wall-time limit; a step the way the parent's own
+        step helped may be the protocol's bigger boundary probe."""
         h = self.history
         changes: list[Mapping[str, Any]] = []
         for key in keys:
             spec, old = h.space[key], h.value(parent_id, key)
-            hurt = h.hurt_way(parent_id, key)
-            for value in one_key_values(spec, old):
+            # a step that helped may go on by a bigger step; one that hurt goes no further
+            before, outcome = h.last_step(parent_id, key)
+            for value in one_key_values(spec, old, push=before if outcome > 0 else 0):
                 way = direction_of(spec, old, value)
-                if (directions and way not in directions) or (hurt and way == hurt):
+                if (directions and way not in directions) or (outcome < 0 and way == before):
                     continue
                 if not h.taken(parent_id, {key: value}):
                     changes.append({key: value})

@@ -62,7 +62,8 @@ TIMEOUT_MARGIN = 0.8  # a move whose upper estimate passes this share of wall_s 
 MIN_POINTS_TO_LEARN = 3  # the kernel's scales are fitted from this many scored nodes on
 R2_FLOOR_GAP = 1e-4  # -log(1 - R²) saturates here (R² 0.9999)
 GAIN_QUANTILES = 64  # points of the predictive normal the expected gain averages over
-LOG_FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0)  # moves of a log-scaled key, both ways
+LOG_FACTORS = (1.5, 2.0, 3.0)  # moves of a log-scaled key, both ways (the protocol's 2-3)
+PUSH_FACTORS = (5.0, 10.0)  # and, the way the parent's own step on it helped, these
 LINEAR_FRACTIONS = (0.15, 0.3, 0.5)  # moves of a linear key, both ways, as parts of it
 SIGNIFICANT_DIGITS = 3  # proposed floats read like a person typed them
 
@@ -340,10 +341,12 @@ def compute_prior(cost: CostModel) -> Callable[[Mapping[str, Any]], float] | Non
     return prior if cost.size else None
 
 
-def one_key_values(spec: ParamRange, current: Any) -> list[Any]:
+def one_key_values(spec: ParamRange, current: Any, push: int = 0) -> list[Any]:
     """The values a one-key move may give the key: every other choice; a log-scaled range
-    multiplied and divided by `LOG_FACTORS`; a linear one moved by `LINEAR_FRACTIONS` of its
-    value (or of the range, at 0) — all inside the range, rounded as a person would type."""
+    multiplied and divided by `LOG_FACTORS`, and by `PUSH_FACTORS` the way `push` says (+1
+    up, -1 down: the protocol's boundary probe, for a step that helped); a linear one moved
+    by `LINEAR_FRACTIONS` of its value (or of the range, at 0) — all inside the range,
+    rounded as a person would type."""
     if spec.choices is not None:
         return [c for c in spec.choices if not same_value(c, current)]
     if not is_number(current):
@@ -353,6 +356,7 @@ def one_key_values(spec: ParamRange, current: Any) -> list[Any]:
     if spec.log:
         base = value if value > 0 else low
         raw = [base * f for f in LOG_FACTORS] + [base / f for f in LOG_FACTORS]
+        raw += [base * f ** push for f in PUSH_FACTORS] if push else []
     else:
         size = abs(value) or (high - low)
         raw = [value + sign * size * fraction for fraction in LINEAR_FRACTIONS
